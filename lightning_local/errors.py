@@ -33,3 +33,7 @@ class UnclassifiableParameterError(LocalLearningError):
 
 class CheckpointError(LocalLearningError):
     """A checkpoint or base-shape file is missing, truncated or does not fit the model."""
+
+
+class DatasetNotFoundError(LocalLearningError, FileNotFoundError):
+    """A data set's files are missing or corrupt in the local data folder; nothing downloads."""
