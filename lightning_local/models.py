@@ -101,8 +101,13 @@ class MLP(WidthBuilder):
         blocks.append(nn.Linear(width, num_classes, bias=bias))
         super().__init__(*blocks)
         self.config = dict(
-            in_features=in_features, width=width, num_classes=num_classes, depth=depth,
-            activation=activation, bias=bias, sigma=sigma,
+            in_features=in_features,
+            width=width,
+            num_classes=num_classes,
+            depth=depth,
+            activation=activation,
+            bias=bias,
+            sigma=sigma,
         )
         gaussian_init_(self, sigma)
 
@@ -144,11 +149,18 @@ class CNN(WidthBuilder):
                 )
             )
             channels, size = width, size // 2
-        blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(width * size * size, num_classes, bias=bias)))
+        blocks.append(
+            nn.Sequential(nn.Flatten(), nn.Linear(width * size * size, num_classes, bias=bias))
+        )
         super().__init__(*blocks)
         self.config = dict(
-            in_channels=in_channels, image_size=image_size, width=width,
-            num_classes=num_classes, conv_layers=conv_layers, activation=activation,
-            bias=bias, sigma=sigma,
+            in_channels=in_channels,
+            image_size=image_size,
+            width=width,
+            num_classes=num_classes,
+            conv_layers=conv_layers,
+            activation=activation,
+            bias=bias,
+            sigma=sigma,
         )
         gaussian_init_(self, sigma)

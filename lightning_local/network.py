@@ -10,14 +10,15 @@ blocks) or when it exposes its ordered blocks as an attribute ``blocks`` (an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from lightning_local.errors import ShapeMismatchError, UnsupportedNetworkError
 
-__all__ = ["as_blocks", "feedforward", "output_width"]
+__all__ = ["as_blocks", "feedforward", "output_width", "shape_errors"]
 
 
 def as_blocks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
@@ -53,6 +54,21 @@ def as_blocks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return blocks
 
 
+@contextmanager
+def shape_errors(index: int, block: nn.Module, inputs: Tensor) -> Iterator[None]:
+    """Turn torch's shape errors inside ``block`` into a :class:`ShapeMismatchError`."""
+    try:
+        yield
+    except RuntimeError as error:  # torch reports shape mismatches as RuntimeErrors
+        if "shape" not in str(error) and "size" not in str(error):
+            raise
+        raise ShapeMismatchError(
+            f"block {index} ({type(block).__name__}) cannot take an input of shape "
+            f"{tuple(inputs.shape)}: {error}. Fix: check the data's feature size against the "
+            "network's input size."
+        ) from error
+
+
 def feedforward(blocks: Sequence[nn.Module], inputs: Tensor) -> list[Tensor]:
     """Feedforward activations ``[h_0, h_1, ..., h_L]`` with ``h_0 = inputs``.
 
@@ -61,16 +77,8 @@ def feedforward(blocks: Sequence[nn.Module], inputs: Tensor) -> list[Tensor]:
     """
     activations = [inputs]
     for index, block in enumerate(blocks):
-        try:
+        with shape_errors(index, block, activations[-1]):
             activations.append(block(activations[-1]))
-        except RuntimeError as error:  # shape errors from torch are RuntimeErrors
-            if "shape" not in str(error) and "size" not in str(error):
-                raise
-            raise ShapeMismatchError(
-                f"block {index} ({type(block).__name__}) cannot take an input of shape "
-                f"{tuple(activations[-1].shape)}: {error}. Fix: check the data's feature size "
-                "against the network's input size."
-            ) from error
     return activations
 
 

@@ -1,0 +1,100 @@
+"""Block linearization: the prediction ``mu = f(x)`` and its pullback ``v -> J_f(x)^T v``.
+
+Predictive-coding inference needs, for every block, the prediction at the current state and
+the vector-Jacobian product with the error of the layer above. Two implementations:
+
+- the general path, by autograd, for any block (Conv2d + pooling, residual blocks, ...);
+- a closed-form fast path for an ``nn.Linear`` optionally followed by an elementwise
+  activation whose derivative is a function of its output (tanh, relu, sigmoid, identity):
+  ``u = x W^T + b``, ``mu = phi(u)``, ``J^T v = (v * phi'(u)) W`` with ``phi'`` read off
+  ``mu`` (``1 - mu^2`` for tanh, ``[mu > 0]`` for relu, ``mu (1 - mu)`` for sigmoid).
+
+Both return identical values (tested); the fast path skips the autograd graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Linearization", "linearize", "supports_fast_path"]
+
+Pullback = Callable[[Tensor], Tensor]
+
+_DERIVATIVE_FROM_OUTPUT: dict[type[nn.Module], Callable[[Tensor], Tensor] | None] = {
+    nn.Tanh: lambda mu: 1 - mu * mu,
+    nn.ReLU: lambda mu: (mu > 0).to(mu.dtype),
+    nn.Sigmoid: lambda mu: mu * (1 - mu),
+    nn.Identity: None,
+}
+
+
+class Linearization:
+    """``mu = f(x)`` with its pullback ``J^T``; ``mu`` carries no autograd graph."""
+
+    __slots__ = ("prediction", "pullback")
+
+    def __init__(self, prediction: Tensor, pullback: Pullback) -> None:
+        self.prediction = prediction
+        self.pullback = pullback
+
+
+def _affine_parts(block: nn.Module) -> tuple[nn.Linear, nn.Module | None] | None:
+    """``(linear, activation)`` when ``block`` is Linear or Sequential(Linear, elementwise act)."""
+    if isinstance(block, nn.Linear):
+        return block, None
+    if (
+        isinstance(block, nn.Sequential)
+        and len(block) == 2
+        and isinstance(block[0], nn.Linear)
+        and type(block[1]) in _DERIVATIVE_FROM_OUTPUT
+    ):
+        return block[0], block[1]
+    if isinstance(block, nn.Sequential) and len(block) == 1:
+        return _affine_parts(block[0])
+    return None
+
+
+def supports_fast_path(block: nn.Module) -> bool:
+    """Whether ``block`` has the closed-form linearization."""
+    return _affine_parts(block) is not None
+
+
+def _linearize_affine(linear: nn.Linear, activation: nn.Module | None, x: Tensor) -> Linearization:
+    weight = linear.weight.detach()
+    bias = None if linear.bias is None else linear.bias.detach()
+    prediction = F.linear(x, weight, bias)
+    derivative = None
+    if activation is not None:
+        prediction = activation(prediction)
+        derivative = _DERIVATIVE_FROM_OUTPUT[type(activation)]
+    slope = None if derivative is None else derivative(prediction)
+
+    def pullback(v: Tensor) -> Tensor:
+        return (v if slope is None else v * slope) @ weight
+
+    return Linearization(prediction, pullback)
+
+
+def _linearize_autograd(block: nn.Module, x: Tensor) -> Linearization:
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        output = block(leaf)
+
+    def pullback(v: Tensor) -> Tensor:
+        (grad,) = torch.autograd.grad(output, leaf, grad_outputs=v, retain_graph=True)
+        return grad
+
+    return Linearization(output.detach(), pullback)
+
+
+def linearize(block: nn.Module, x: Tensor, fast_path: bool = True) -> Linearization:
+    """Linearize ``block`` at ``x``: closed form where supported and allowed, else autograd."""
+    parts = _affine_parts(block) if fast_path else None
+    if parts is not None:
+        with torch.no_grad():
+            return _linearize_affine(parts[0], parts[1], x)
+    return _linearize_autograd(block, x)

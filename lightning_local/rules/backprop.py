@@ -1,0 +1,25 @@
+"""Backpropagation as a rule: the reference every local rule is compared with.
+
+The surrogate is the batch-mean output loss ``(1/B) sum_b loss(f(x_b), y_b)``; its gradient is
+the SGD/backprop gradient ``dL/dW_l``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_local.network import as_blocks, feedforward
+from lightning_local.rules.base import LocalRule, StepResult, check_finite
+
+__all__ = ["Backprop"]
+
+
+class Backprop(LocalRule):
+    """End-to-end backpropagation of the output loss through every block."""
+
+    name = "bp"
+
+    def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
+        output = feedforward(as_blocks(network), inputs)[-1]
+        loss = check_finite(self.loss.mean(output, targets), "the backprop loss")
+        return StepResult(loss=loss.detach(), surrogate=loss, output=output.detach())

@@ -1,0 +1,346 @@
+"""Predictive coding (PC): inference on value nodes, then local weight updates.
+
+Notation (spec section 1). Blocks ``f_1 .. f_L``; the input ``x_0`` is clamped to the data;
+hidden value nodes ``x_1 .. x_{L-1}`` sit at block outputs; predictions
+``mu_l = f_l(x_{l-1})``. The energy, a per-sample *sum* over the batch, is
+
+    F(x; W) = sum_{l<L} (gamma_l / 2) ||x_l - mu_l||^2  +  gamma_L * sum_b loss(mu_L, y)
+
+with errors ``eps_l = x_l - mu_l`` for hidden layers and the output error
+``eps_L = -d loss / d mu_L``. Its state gradient is
+
+    dF/dx_l = gamma_l eps_l - J_{l+1}(x_l)^T (gamma_{l+1} eps_{l+1}),   l = 1 .. L-1
+
+and inference descends it, ``x_l <- x_l - kappa_l dF/dx_l`` (SGD on states, optional momentum),
+from the feedforward values (F-ini: every hidden error starts at 0). Schedules:
+
+- ``"sequential"`` (SI): sweeps ``l = L-1 .. 1``, each layer using the freshly updated layer
+  above; ``inference_steps`` sweeps (the paper's single-shot SI is one sweep);
+- ``"simultaneous"``: ``inference_steps`` gradient steps on all layers at once;
+- ``"tolerance"``: simultaneous steps until the relative energy decrease
+  ``(F_{t-1} - F_t) / |F_{t-1}|`` falls under ``tolerance``, ``inference_steps`` as the cap.
+
+Weight update (batch mean): ``Delta W_l = -eta_l dF/dW_l / B``, i.e. for hidden blocks
+``(gamma_l / B) (d mu_l / d W_l)^T eps_l`` and for the readout
+``-(gamma_L / B) (d mu_L / d W_L)^T d loss / d mu_L``. With the fixed prediction assumption
+(FPA) the predictions and their inputs are the feedforward ones (``mu_l = f_l(h_{l-1})``);
+without it they are recomputed at the post-inference states (``mu_l = f_l(x_{l-1})``).
+
+Exactness identity: F-ini + one SI sweep + FPA with ``kappa_l = gamma_l = 1`` gives
+``eps_l = -gamma_L dL/dh_l`` and so a weight update equal to ``gamma_L`` times backprop's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_local.errors import LocalLearningError
+from lightning_local.losses import LossName, OutputLoss
+from lightning_local.network import as_blocks, shape_errors
+from lightning_local.rules._linearize import Linearization, linearize
+from lightning_local.rules.base import LocalRule, StepResult, check_finite, local_loss, rms
+
+__all__ = ["InferenceResult", "PredictiveCoding"]
+
+Schedule = Literal["sequential", "simultaneous", "tolerance"]
+_SCHEDULES = ("sequential", "simultaneous", "tolerance")
+
+
+@dataclass
+class InferenceResult:
+    """The outcome of PC inference on a batch.
+
+    Attributes:
+        states: ``[x_0, x_1, .., x_{L-1}]`` after inference (``x_0`` is the input).
+        feedforward: ``[h_0, h_1, .., h_L]``, the feedforward activations (F-ini values).
+        energy_before: ``F`` at the feedforward states (per-sample sum over the batch).
+        energy_after: ``F`` at the final states (per-sample sum over the batch).
+        steps: inference steps (sweeps for SI) actually taken.
+        energy_trace: ``F`` before each step, then after the last (tolerance schedule only).
+        energy_per_layer: the terms of ``energy_after``, one per block (batch sums).
+    """
+
+    states: list[Tensor]
+    feedforward: list[Tensor]
+    energy_before: Tensor
+    energy_after: Tensor
+    steps: int
+    energy_trace: list[float] = field(default_factory=list)
+    energy_per_layer: Tensor | None = None
+
+
+def _per_layer(value: float | Sequence[float], count: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * count
+    values = [float(v) for v in value]
+    if len(values) != count:
+        raise LocalLearningError(
+            f"{name} has {len(values)} entries but the network has {count} hidden layers. "
+            f"Fix: give one value per hidden layer, or a single number."
+        )
+    return values
+
+
+class PredictiveCoding(LocalRule):
+    """Predictive coding with F-ini, SI / simultaneous / run-to-tolerance inference and FPA.
+
+    Args:
+        loss: output loss, ``"mse"`` (paper) or ``"cross_entropy"``.
+        inference: schedule, ``"sequential"`` (SI), ``"simultaneous"`` or ``"tolerance"``.
+        inference_steps: sweeps (SI), steps (simultaneous) or the cap (tolerance).
+        inference_lr: state step sizes ``kappa_l``, one number or one per hidden layer.
+        state_momentum: momentum of the SGD on states.
+        fixed_prediction: FPA on (feedforward predictions in the weight update) or off.
+        output_weight: ``gamma_L``, the weight of the output loss in the energy (already
+            width-scaled; see ``Parametrization.output_weight``).
+        hidden_weights: ``gamma_l`` for the hidden layers, one number or one per layer.
+        tolerance: relative energy decrease under which the tolerance schedule stops.
+        fast_path: closed-form linearization of Linear(+activation) blocks.
+    """
+
+    name = "pc"
+
+    def __init__(
+        self,
+        loss: LossName | OutputLoss = "mse",
+        *,
+        inference: Schedule = "sequential",
+        inference_steps: int = 1,
+        inference_lr: float | Sequence[float] = 1.0,
+        state_momentum: float = 0.0,
+        fixed_prediction: bool = True,
+        output_weight: float = 1.0,
+        hidden_weights: float | Sequence[float] = 1.0,
+        tolerance: float = 1e-6,
+        fast_path: bool = True,
+    ) -> None:
+        super().__init__(loss)
+        if inference not in _SCHEDULES:
+            raise LocalLearningError(
+                f"unknown inference schedule {inference!r}. Fix: use one of {_SCHEDULES}."
+            )
+        if inference_steps < 0:
+            raise LocalLearningError(f"inference_steps must be >= 0, got {inference_steps}.")
+        if not 0.0 <= state_momentum < 1.0:
+            raise LocalLearningError(f"state_momentum must lie in [0, 1), got {state_momentum}.")
+        self.inference = inference
+        self.inference_steps = int(inference_steps)
+        self.inference_lr = inference_lr
+        self.state_momentum = float(state_momentum)
+        self.fixed_prediction = bool(fixed_prediction)
+        self.output_weight = float(output_weight)
+        self.hidden_weights = hidden_weights
+        self.tolerance = float(tolerance)
+        self.fast_path = bool(fast_path)
+
+    def hparams(self) -> dict[str, object]:
+        return {
+            **super().hparams(),
+            "inference": self.inference,
+            "inference_steps": self.inference_steps,
+            "inference_lr": self.inference_lr,
+            "state_momentum": self.state_momentum,
+            "fixed_prediction": self.fixed_prediction,
+            "output_weight": self.output_weight,
+            "hidden_weights": self.hidden_weights,
+            "tolerance": self.tolerance,
+        }
+
+    # ------------------------------------------------------------------ energy
+    def _gammas(self, hidden: int) -> list[float]:
+        return _per_layer(self.hidden_weights, hidden, "hidden_weights") + [self.output_weight]
+
+    def _output_error(self, prediction: Tensor, targets: Tensor) -> Tensor:
+        """``eps_L = -d loss / d mu_L`` per sample."""
+        return -self.loss.grad(prediction, targets)
+
+    def _energy_terms(
+        self, blocks: Sequence[nn.Module], states: Sequence[Tensor], targets: Tensor
+    ) -> Tensor:
+        """Per-layer energies ``[(gamma_l/2)||eps_l||^2 .., gamma_L sum_b loss]`` (batch sums)."""
+        gammas = self._gammas(len(states) - 1)
+        predictions = [block(x) for block, x in zip(blocks, states)]
+        terms = [
+            0.5 * gamma * (x - mu).pow(2).sum()
+            for gamma, x, mu in zip(gammas, states[1:], predictions[:-1])
+        ]
+        terms.append(gammas[-1] * self.loss.per_sample_sum(predictions[-1], targets))
+        return torch.stack(terms)
+
+    @torch.no_grad()
+    def energy(self, network: nn.Module, states: Sequence[Tensor], targets: Tensor) -> Tensor:
+        """``F(x; W)`` at ``states = [x_0 .. x_{L-1}]`` (per-sample sum over the batch)."""
+        blocks = as_blocks(network)
+        self._check_states(blocks, states)
+        return self._energy_terms(blocks, states, targets).sum()
+
+    def state_grads(
+        self, network: nn.Module, states: Sequence[Tensor], targets: Tensor
+    ) -> list[Tensor]:
+        """``[dF/dx_1 .. dF/dx_{L-1}]`` at ``states`` (the simultaneous-step direction)."""
+        blocks = as_blocks(network)
+        self._check_states(blocks, states)
+        with torch.no_grad():
+            maps = [linearize(b, x, self.fast_path) for b, x in zip(blocks, states)]
+            return self._grads(states, maps, targets, self._gammas(len(blocks) - 1))
+
+    def _grads(
+        self,
+        states: Sequence[Tensor],
+        maps: Sequence[Linearization],
+        targets: Tensor,
+        gammas: Sequence[float],
+    ) -> list[Tensor]:
+        weighted = [g * (x - m.prediction) for g, x, m in zip(gammas, states[1:], maps)]
+        weighted.append(gammas[-1] * self._output_error(maps[-1].prediction, targets))
+        return [weighted[l] - maps[l + 1].pullback(weighted[l + 1]) for l in range(len(states) - 1)]
+
+    def _check_states(self, blocks: Sequence[nn.Module], states: Sequence[Tensor]) -> None:
+        if len(states) != len(blocks):
+            raise LocalLearningError(
+                f"expected {len(blocks)} states [x_0 .. x_(L-1)] for {len(blocks)} blocks, got "
+                f"{len(states)}. Fix: pass the input followed by one state per hidden block."
+            )
+
+    # --------------------------------------------------------------- inference
+    def infer(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> InferenceResult:
+        """Run inference from the feedforward states (F-ini); no weight gradients are made."""
+        blocks = as_blocks(network)
+        if inputs.is_inference():
+            inputs = inputs.clone()
+        with torch.inference_mode(False), torch.no_grad():
+            return self._infer(blocks, inputs, targets)
+
+    def _infer(self, blocks: list[nn.Module], inputs: Tensor, targets: Tensor) -> InferenceResult:
+        hidden = len(blocks) - 1
+        gammas = self._gammas(hidden)
+        kappas = _per_layer(self.inference_lr, hidden, "inference_lr")
+        maps, feedforward = self._linearize_all(blocks, [inputs], extend=True)
+        states = list(feedforward[:-1])
+        energy_before = gammas[-1] * self.loss.per_sample_sum(feedforward[-1], targets)
+        velocity: list[Tensor | None] = [None] * hidden
+        trace: list[float] = []
+        steps = 0
+
+        def move(layer: int, grad: Tensor) -> None:
+            if self.state_momentum:
+                buffer = velocity[layer - 1]
+                grad = grad if buffer is None else self.state_momentum * buffer + grad
+                velocity[layer - 1] = grad
+            states[layer] = states[layer] - kappas[layer - 1] * grad
+
+        if self.inference == "sequential":
+            for steps in range(1, self.inference_steps + 1):
+                # the first sweep starts at the feedforward states, where ``maps`` are valid
+                cached = maps if steps == 1 else None
+                self._sequential_sweep(blocks, states, cached, targets, gammas, move)
+        else:
+            previous = float(energy_before)
+            trace.append(previous)
+            for step in range(1, self.inference_steps + 1):
+                if step > 1:
+                    maps, _ = self._linearize_all(blocks, states)
+                grads = self._grads(states, maps, targets, gammas)
+                for layer in range(1, hidden + 1):
+                    move(layer, grads[layer - 1])
+                steps = step
+                if self.inference == "tolerance":
+                    current = float(self._energy_terms(blocks, states, targets).sum())
+                    trace.append(current)
+                    decrease = previous - current
+                    if decrease <= self.tolerance * max(abs(previous), 1e-30):
+                        break
+                    previous = current
+        energy_terms = self._energy_terms(blocks, states, targets)
+        return InferenceResult(
+            states, feedforward, energy_before, energy_terms.sum(), steps, trace, energy_terms
+        )
+
+    def _linearize_all(
+        self, blocks: Sequence[nn.Module], states: list[Tensor], extend: bool = False
+    ) -> tuple[list[Linearization], list[Tensor]]:
+        """Linearize every block at its input; with ``extend`` run the feedforward pass too."""
+        maps: list[Linearization] = []
+        activations = states if extend else list(states)
+        for index, block in enumerate(blocks):
+            with shape_errors(index, block, activations[index]):
+                maps.append(linearize(block, activations[index], self.fast_path))
+            if extend:
+                activations.append(maps[-1].prediction)
+        return maps, activations
+
+    def _sequential_sweep(
+        self,
+        blocks: Sequence[nn.Module],
+        states: list[Tensor],
+        cached: Sequence[Linearization] | None,
+        targets: Tensor,
+        gammas: Sequence[float],
+        move: Callable[[int, Tensor], None],
+    ) -> None:
+        """One SI sweep ``l = L-1 .. 1``; each layer sees the freshly updated layer above.
+
+        Block ``l`` is linearized at ``x_{l-1}`` just before layer ``l`` moves; ``x_{l-1}``
+        has not moved yet in this sweep, so ``cached`` linearizations (at the states the sweep
+        starts from) are used as they are.
+        """
+
+        def at(layer: int) -> Linearization:
+            if cached is not None:
+                return cached[layer - 1]
+            return linearize(blocks[layer - 1], states[layer - 1], self.fast_path)
+
+        hidden = len(blocks) - 1
+        above = at(hidden + 1)
+        above_error = gammas[-1] * self._output_error(above.prediction, targets)
+        for layer in range(hidden, 0, -1):
+            current = at(layer)
+            grad = gammas[layer - 1] * (states[layer] - current.prediction)
+            move(layer, grad - above.pullback(above_error))
+            above_error = gammas[layer - 1] * (states[layer] - current.prediction)
+            above = current
+
+    # ----------------------------------------------------------- weight update
+    def weight_loss(
+        self, network: nn.Module, inference: InferenceResult, targets: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The surrogate ``F(x; W) / B`` at fixed states, and the feedforward output.
+
+        Its gradient w.r.t. the parameters is ``dF/dW / B``; with FPA the block inputs are the
+        feedforward activations ``h_{l-1}`` and the hidden errors ``x_l - f_l(h_{l-1})``.
+        """
+        blocks = as_blocks(network)
+        hidden = len(blocks) - 1
+        gammas = self._gammas(hidden)
+        inputs = inference.feedforward[:-1] if self.fixed_prediction else inference.states
+        surrogate = local_loss(blocks[:-1], inputs[:-1], inference.states[1:], gammas[:-1])
+        prediction = blocks[-1](inputs[-1].detach())
+        surrogate = surrogate + gammas[-1] * self.loss.mean(prediction, targets)
+        return surrogate, prediction
+
+    def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
+        inference = self.infer(network, inputs, targets)
+        surrogate, _ = self.weight_loss(network, inference, targets)
+        check_finite(surrogate, "the predictive-coding energy")
+        output = inference.feedforward[-1]
+        batch = inputs.shape[0]
+        errors = [x - h for x, h in zip(inference.states[1:], inference.feedforward[1:-1])]
+        metrics = {
+            "energy_before": inference.energy_before.detach() / batch,
+            "energy_after": check_finite(inference.energy_after, "the energy after inference")
+            / batch,
+            "inference_steps": torch.tensor(float(inference.steps)),
+            "state_update_rms": torch.stack([rms(e) for e in errors]),
+            "energy_per_layer": inference.energy_per_layer.detach() / batch,
+        }
+        return StepResult(
+            loss=self.loss.mean(output, targets).detach(),
+            surrogate=surrogate,
+            output=output.detach(),
+            metrics=metrics,
+        )
