@@ -211,9 +211,9 @@ class PredictiveCoding(LocalRule):
     def infer(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> InferenceResult:
         """Run inference from the feedforward states (F-ini); no weight gradients are made."""
         blocks = as_blocks(network)
-        if inputs.is_inference():
-            inputs = inputs.clone()
         with torch.inference_mode(False), torch.no_grad():
+            if inputs.is_inference():  # validation data: autograd may not touch it
+                inputs = inputs.clone()
             return self._infer(blocks, inputs, targets)
 
     def _infer(self, blocks: list[nn.Module], inputs: Tensor, targets: Tensor) -> InferenceResult:
