@@ -1,0 +1,9 @@
+"""Test-suite settings: offline, quiet, deterministic."""
+
+from __future__ import annotations
+
+import os
+
+# Never reach the network from tests: wandb stays disabled unless a test opts into offline mode.
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("WANDB_SILENT", "true")
