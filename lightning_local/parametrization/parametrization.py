@@ -153,10 +153,9 @@ class Parametrization:
 
     def output_weight(self, gamma: float, model: Modules, rule: Any = "pc") -> float:
         """PC's output weight ``gamma_L = gamma_L' m^{-g}`` (``gamma`` unchanged otherwise)."""
+        width_mult = self.width_mult(model)  # muP: checks the base shapes even when g = 0
         exponent = output_weight_exponent(self.name, rule, self.output_weight_exponent)
-        if exponent == 0.0:
-            return float(gamma)
-        return float(gamma) * self.width_mult(model) ** exponent
+        return float(gamma) * width_mult**exponent
 
     def hparams(self) -> dict[str, Any]:
         """Plain values for logging and configs."""
