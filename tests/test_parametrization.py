@@ -242,6 +242,7 @@ def test_initialize_rescales_once():
     parametrization = MuP()
     parametrization.initialize(model, "pc", "sgd")
     parametrization.initialize(model, "pc", "sgd")  # a no-op
+    parametrization.initialize(model, "bp", "adam")  # the same init: a no-op too
     torch.testing.assert_close(model[2].weight, reference[2].weight * 4 ** -0.5, rtol=0, atol=0)
     torch.testing.assert_close(model[1][0].weight, reference[1][0].weight, rtol=0, atol=0)
     reloaded = pickle.loads(pickle.dumps(model))  # what torch.save(model) does

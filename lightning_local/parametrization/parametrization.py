@@ -68,8 +68,9 @@ class Parametrization:
     def initialize(self, model: Modules, rule: Any = "bp", optimizer: str = "sgd") -> Modules:
         """Rescale the SP init of ``model`` to this parametrization, once; return ``model``.
 
-        The model is marked; calling it again with the same parametrization, rule and optimizer
-        is a no-op, with different ones it raises (the weights were already rescaled). Call it
+        The model is marked; calling it again with settings of the same init (e.g. another
+        optimizer of the same row) is a no-op, with another init it raises (the weights were
+        already rescaled). Call it
         on fresh weights, *before* loading a checkpoint: ``torch.save(model)`` keeps the mark,
         and an in-place ``load_state_dict`` restores weights that were saved already rescaled.
 
@@ -78,30 +79,36 @@ class Parametrization:
             UnclassifiableParameterError: a parameter fits no role of the table.
             LocalLearningError: already initialized with other settings.
         """
+        target = self.exponents(rule, optimizer)
+        reference = role_exponents("sp", rule, optimizer)
+        shifts = {role: target[role].init - reference[role].init for role in target}
         settings = {
             "parametrization": repr(self),
             "rule": normalize_rule(rule),
             "optimizer": normalize_optimizer(optimizer),
+            "init_shifts": shifts,
         }
         roots = _roots(model)
         marks = [getattr(root, _INIT_MARK, None) for root in roots]
         if any(mark is not None for mark in marks):
-            if all(mark == settings for mark in marks):
+            if all(mark is not None and mark["init_shifts"] == shifts for mark in marks):
                 return model
+            done = [None if m is None else {k: v for k, v in m.items() if k != "init_shifts"}
+                    for m in marks]
             raise LocalLearningError(
-                f"the model was already initialized with {marks}; asked again with {settings}. "
-                "The init rescale is applied once. Fix: build the model afresh (new weights) "
-                "to initialize it with other settings."
+                f"the model was already initialized with {done}; asked again with "
+                f"{repr(self)}, rule {settings['rule']!r}, optimizer {settings['optimizer']!r}, "
+                "whose init differs. The init rescale is applied once. Fix: build the model "
+                "afresh (new weights) to initialize it with other settings."
             )
-        target = self.exponents(rule, optimizer)
-        reference = role_exponents("sp", rule, optimizer)
-        if self.requires_base_shapes:
+        if self.requires_base_shapes and any(shifts.values()):
             width_mult = self.width_mult(model)
             with torch.no_grad():
                 for item in classify_parameters(model):
-                    shift = target[item.role].init - reference[item.role].init
-                    if shift != 0.0:
-                        item.parameter.mul_(width_mult ** (-shift))
+                    if shifts[item.role] != 0.0:
+                        item.parameter.mul_(width_mult ** (-shifts[item.role]))
+        elif self.requires_base_shapes:
+            classify_parameters(model)  # same errors whether or not a weight changes
         for root in roots:
             setattr(root, _INIT_MARK, dict(settings))
         return model
