@@ -1,0 +1,13 @@
+"""The Lightning surface: ``LightningModule`` subclasses that train with a local rule.
+
+- :class:`LocalLearningModule`: manual optimization, rule + parametrization + metrics glue;
+- :class:`BackpropModule`, :class:`PredictiveCodingModule`: one per rule;
+- :class:`AtomicCheckpointIO`: checkpoints written atomically, unreadable ones raise
+  :class:`~lightning_local.errors.CheckpointError`.
+"""
+
+from lightning_local.modules.backprop import BackpropModule
+from lightning_local.modules.base import LocalLearningModule
+from lightning_local.modules.predictive_coding import PredictiveCodingModule
+
+__all__ = ["BackpropModule", "LocalLearningModule", "PredictiveCodingModule"]

@@ -1,0 +1,442 @@
+"""The Lightning surface: modules, muP wiring, logging, checkpoints, both ways of use."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_local.errors import (
+    CheckpointError,
+    LocalLearningError,
+    MissingBaseShapesError,
+    UnsupportedNetworkError,
+)
+from lightning_local.models import MLP
+from lightning_local.modules import BackpropModule, LocalLearningModule, PredictiveCodingModule
+from lightning_local.modules.checkpoint import AtomicCheckpointIO, save_atomically
+from lightning_local.parametrization import set_base_shapes
+
+IN, CLASSES, WIDTH, BASE = 8, 3, 32, 16
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "convert_existing_project.py"
+
+
+def _data(n: int = 48, seed: int = 0) -> TensorDataset:
+    """A tiny separable problem: labels from a random linear teacher."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN, generator=generator)
+    teacher = torch.randn(IN, CLASSES, generator=generator)
+    return TensorDataset(x, (x @ teacher).argmax(1))
+
+
+def _loader(n: int = 48, batch_size: int = 16) -> DataLoader:
+    return DataLoader(_data(n), batch_size=batch_size, shuffle=False)
+
+
+def _mlp(width: int = WIDTH, seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(in_features=IN, width=width, num_classes=CLASSES, depth=3)
+
+
+def _trainer(tmp_path: Path | None = None, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    if tmp_path is not None:
+        options["default_root_dir"] = tmp_path
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def _mse(model: nn.Module, dataset: TensorDataset) -> float:
+    """Reference MSE loss 1/2 ||f - onehot(y)||^2, batch mean, computed with plain torch."""
+    x, y = dataset.tensors
+    with torch.no_grad():
+        f = model(x)
+    return float(0.5 * (f - F.one_hot(y, CLASSES).float()).pow(2).sum(1).mean())
+
+
+def _infshape(p: torch.Tensor) -> list[tuple[int | None, int]]:
+    """``p.infshape`` as (base dim or None for a finite dim, dim) pairs."""
+    return [(d.base_dim, d.dim) for d in p.infshape]
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+# ------------------------------------------------------------------------ training
+@pytest.mark.parametrize("cls", [BackpropModule, PredictiveCodingModule])
+def test_training_lowers_the_loss(cls):
+    model = cls(network=_mlp(), lr=0.2)
+    dataset = _data()
+    before = _mse(model, dataset)
+    _trainer(max_epochs=8).fit(model, _loader())
+    assert _mse(model, dataset) < 0.7 * before
+
+
+def test_global_step_counts_batches():
+    model = PredictiveCodingModule(network=_mlp(), inference="simultaneous", inference_steps=3)
+    trainer = _trainer(max_epochs=2)
+    trainer.fit(model, _loader(n=40, batch_size=8))  # 5 batches per epoch
+    assert trainer.global_step == 10
+
+
+@pytest.mark.parametrize(
+    ("parametrization", "exponent", "width", "gamma"),
+    [("sp", 0.0, WIDTH, 0.5), ("mup", 0.0, 2 * BASE, 1.0), ("mup", 0.5, 4 * BASE, 0.7),
+     ("mup", -1.0, 4 * BASE, 2.0)],
+)
+def test_pc_update_is_gamma_times_backprop(parametrization, exponent, width, gamma):
+    """F-ini + one SI sweep + FPA + unit hidden weights/step sizes: Delta W_PC = gamma_L'
+    Delta W_BP after one SGD step through the Trainer, also under muP at any g, where the
+    output weight gamma_L = gamma_L' m^{-g} and the lr exponents shifted by -g cancel."""
+    common = dict(parametrization=parametrization, base_width=BASE, lr=0.05)
+    bp = BackpropModule(network=_mlp(width), **common)
+    pc = PredictiveCodingModule(
+        network=_mlp(width), output_weight=gamma, output_weight_exponent=exponent,
+        inference="sequential", inference_steps=1, fixed_prediction=True,
+        inference_lr=1.0, hidden_weights=1.0, **common,
+    )
+    start = _weights(bp.network)
+    assert all(torch.equal(start[k], v) for k, v in _weights(pc.network).items())
+    for model in (bp, pc):
+        _trainer(max_steps=1).fit(model, _loader(n=16, batch_size=16))
+    m = width / BASE if parametrization == "mup" else 1.0
+    assert pc.rule.output_weight == pytest.approx(gamma * m ** (-exponent))
+    for name, w0 in start.items():
+        bp_update = bp.network.get_parameter(name) - w0
+        pc_update = pc.network.get_parameter(name) - w0
+        assert bp_update.abs().max() > 0
+        torch.testing.assert_close(pc_update, gamma * bp_update, rtol=1e-4, atol=1e-7)
+
+
+def test_logged_metrics(tmp_path):
+    """Step metrics of the rule (per-layer ones as name/layer_i), epoch loss, validation loss
+    and accuracy equal to a direct computation, and the progress bar's loss and energy."""
+    dataset = _data(32)
+    model = PredictiveCodingModule(network=_mlp(), inference="simultaneous", inference_steps=4,
+                                   inference_lr=0.2)
+    trainer = _trainer(max_epochs=1, log_every_n_steps=1)
+    loader = DataLoader(dataset, batch_size=16)
+    trainer.fit(model, loader, loader)
+    logged = trainer.callback_metrics
+    layers = len(model.network)
+    expected = {"train/loss", "train/loss_epoch", "train/energy_before", "train/energy_after",
+                "train/inference_steps", "val/loss", "val/acc"}
+    expected |= {f"train/energy_per_layer/layer_{i}" for i in range(layers)}
+    expected |= {f"train/state_update_rms/layer_{i}" for i in range(layers - 1)}
+    assert expected <= set(logged)
+    per_layer = sum(float(logged[f"train/energy_per_layer/layer_{i}"]) for i in range(layers))
+    assert per_layer == pytest.approx(float(logged["train/energy_after"]), rel=1e-5)
+    assert float(logged["train/energy_after"]) < float(logged["train/energy_before"])
+    assert float(logged["train/inference_steps"]) == 4
+    x, y = dataset.tensors
+    with torch.no_grad():
+        accuracy = float((model.network(x).argmax(1) == y).float().mean())
+    assert float(logged["val/acc"]) == pytest.approx(accuracy)
+    assert float(logged["val/loss"]) == pytest.approx(_mse(model.network, dataset), rel=1e-5)
+    assert {"train/loss", "train/energy_after"} <= set(trainer.progress_bar_metrics)
+
+
+def test_test_and_predict_use_the_forward_pass():
+    dataset = _data(32)
+    model = BackpropModule(network=_mlp(), loss="cross_entropy")
+    loader = DataLoader(dataset, batch_size=8)
+    trainer = _trainer()
+    tested = trainer.test(model, loader, verbose=False)[0]
+    x, y = dataset.tensors
+    with torch.no_grad():
+        logits = model.network(x)
+    assert tested["test/loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+    assert tested["test/acc"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    predictions = torch.cat(trainer.predict(model, DataLoader(x, batch_size=8)))
+    torch.testing.assert_close(predictions, logits)
+
+
+def test_scheduler_from_configure_optimizers_is_stepped():
+    class Decaying(BackpropModule):
+        def configure_optimizers(self):
+            optimizer = super().configure_optimizers()
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    model = Decaying(network=_mlp(), lr=0.1)
+    _trainer(max_epochs=3).fit(model, _loader())
+    assert model.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+# ------------------------------------------------------------------------ muP wiring
+def test_mup_attaches_base_shapes_and_rescales_once():
+    model = BackpropModule(network=_mlp(4 * BASE), parametrization="mup", base_width=BASE, lr=0.1)
+    m = 4.0
+    for name, p in model.network.named_parameters():
+        width_dims = [dim for dim in p.infshape if dim.isinf()]
+        assert [dim.width_mult() for dim in width_dims] == [m] * len(width_dims), name
+        assert width_dims or name == "2.bias"  # only the readout bias has no width dim
+    fresh = _mlp(4 * BASE)
+    # muP's readout init is SP's times m^{-1/2} (b_L = 1 vs 1/2); other layers are SP's
+    torch.testing.assert_close(model.network[-1].weight, fresh[-1].weight * m**-0.5)
+    torch.testing.assert_close(model.network[0][0].weight, fresh[0][0].weight)
+    model.apply_parametrization()  # idempotent
+    torch.testing.assert_close(model.network[-1].weight, fresh[-1].weight * m**-0.5)
+    # BP muP with SGD: lr_l = lr * m^{-c_l}, c = (-1, 0, 1) for input, hidden, output
+    groups = {g["role"]: g["lr"] for g in model.configure_optimizers().param_groups}
+    assert groups["input"] == pytest.approx(0.1 * m)
+    assert groups["hidden"] == pytest.approx(0.1)
+    assert groups["output"] == pytest.approx(0.1 / m)
+
+
+def _plain_net(width: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(IN, width), nn.Tanh()), nn.Linear(width, CLASSES)
+    )
+
+
+def test_mup_without_base_shapes_raises_a_clear_error():
+    with pytest.raises(MissingBaseShapesError, match="base_shapes"):
+        PredictiveCodingModule(network=_plain_net(32), parametrization="mup")
+    PredictiveCodingModule(network=_plain_net(32), parametrization="sp")  # SP needs none
+
+
+def test_mup_with_a_base_shape_file_or_attached_shapes(tmp_path):
+    path = tmp_path / "net.bsh"
+    set_base_shapes(_plain_net(32), _plain_net(16), _plain_net(8), savefile=path)
+    from_file = PredictiveCodingModule(
+        network=_plain_net(64), parametrization="mup", base_shapes=str(path)
+    )
+    assert _infshape(from_file.network[0][0].weight) == [(16, 64), (None, IN)]
+    attached = set_base_shapes(_plain_net(64), _plain_net(16), _plain_net(8))
+    model = BackpropModule(network=attached, parametrization="mup")
+    assert _infshape(model.network[-1].weight) == [(None, CLASSES), (16, 64)]
+
+
+def test_bad_arguments_raise_library_errors():
+    with pytest.raises(LocalLearningError, match="optimizer"):
+        BackpropModule(network=_mlp(), optimizer="lbfgs")
+    with pytest.raises(LocalLearningError, match="inference"):
+        PredictiveCodingModule(network=_mlp(), inference="backwards")
+    with pytest.raises(LocalLearningError, match="WidthBuilder"):
+        BackpropModule(network={"class_path": "os.system", "init_args": {}})
+
+    class TwoNets(BackpropModule):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = _mlp(), _mlp()
+
+    with pytest.raises(UnsupportedNetworkError, match="network_for_rule"):
+        TwoNets().rule  # noqa: B018
+
+
+# ------------------------------------------------------------------------ checkpoints
+class _Recorder(Callback):
+    """Records the optimizer state when training (re)starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        optimizer = trainer.optimizers[0]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        buffers = [optimizer.state[p].get("momentum_buffer") for p in params]
+        self.momentum = [None if b is None else b.clone() for b in buffers]
+
+
+def _fit_with_checkpoints(
+    tmp_path: Path, model: LocalLearningModule, epochs: int, loader: DataLoader | None = None,
+    **kwargs,
+):
+    trainer = _trainer(
+        tmp_path, max_epochs=epochs, enable_checkpointing=True, plugins=[AtomicCheckpointIO()],
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), _Recorder()],
+    )
+    trainer.fit(model, loader or _loader(), **kwargs)
+    return trainer
+
+
+def _pc_mup(width: int = 2 * BASE) -> PredictiveCodingModule:
+    return PredictiveCodingModule(
+        network=_mlp(width), parametrization="mup", base_width=BASE, lr=0.05, momentum=0.9,
+        output_weight_exponent=-1.0, inference="simultaneous", inference_steps=2,
+        inference_lr=0.5,
+    )
+
+
+def test_checkpoint_round_trip_keeps_weights_and_base_shapes(tmp_path):
+    model = _pc_mup()
+    trainer = _fit_with_checkpoints(tmp_path, model, epochs=1)
+    path = trainer.checkpoint_callback.last_model_path
+    loaded = PredictiveCodingModule.load_from_checkpoint(path)  # the MLP is rebuilt from hparams
+    assert isinstance(loaded.network, MLP) and loaded.network.width == 2 * BASE
+    for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+        assert _infshape(q) == _infshape(p)
+    assert _infshape(loaded.network[1][0].weight) == [(BASE, 2 * BASE), (BASE, 2 * BASE)]
+    assert loaded.rule.output_weight == pytest.approx(model.rule.output_weight)
+    assert loaded.rule.output_weight == pytest.approx(2.0)  # gamma' m^{-g}, g = -1, m = 2
+    assert "network" in loaded.hparams and loaded.hparams["parametrization"] == "mup"
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    """1 epoch + resume from the checkpoint for 1 more == 2 epochs straight (SGD momentum
+    state, step counter and weights restored)."""
+    straight = _pc_mup()
+    _fit_with_checkpoints(tmp_path / "straight", straight, epochs=2)
+    first = _pc_mup()
+    first_trainer = _fit_with_checkpoints(tmp_path / "first", first, epochs=1)
+    path = first_trainer.checkpoint_callback.last_model_path
+    resumed = _pc_mup()
+    trainer = _fit_with_checkpoints(tmp_path / "resumed", resumed, epochs=2, ckpt_path=path)
+    assert trainer.global_step == 2 * 3
+    recorder = next(c for c in trainer.callbacks if isinstance(c, _Recorder))
+    saved = torch.load(path, weights_only=True)["optimizer_states"][0]["state"]
+    assert len(recorder.momentum) == len(saved) == len(list(resumed.parameters()))
+    for index, buffer in enumerate(recorder.momentum):  # state_dict numbers params by group
+        torch.testing.assert_close(buffer, saved[index]["momentum_buffer"], rtol=0, atol=0)
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+        assert _infshape(q) == _infshape(p)
+
+
+def test_broken_checkpoints_raise_checkpoint_error(tmp_path):
+    model = _pc_mup()
+    trainer = _fit_with_checkpoints(tmp_path, model, epochs=1)
+    good = Path(trainer.checkpoint_callback.last_model_path)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    for path in (truncated, garbage, tmp_path / "missing.ckpt"):
+        with pytest.raises(CheckpointError, match="Fix"):
+            PredictiveCodingModule.load_from_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        PredictiveCodingModule.load_from_checkpoint(good, network=_mlp(3 * BASE))
+    with pytest.raises(CheckpointError, match="truncated"):
+        _fit_with_checkpoints(tmp_path / "again", _pc_mup(), epochs=2, ckpt_path=truncated)
+
+
+def test_atomic_save_never_leaves_a_torn_file(tmp_path, monkeypatch):
+    path = tmp_path / "state.ckpt"
+    save_atomically({"state_dict": {"w": torch.ones(3)}}, path)
+
+    def torn_save(obj, file):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["state.ckpt"]
+
+
+def test_user_network_reloads_when_passed_again(tmp_path):
+    model = BackpropModule(network=_plain_net(16), lr=0.1)
+    trainer = _fit_with_checkpoints(tmp_path, model, epochs=1)
+    path = trainer.checkpoint_callback.last_model_path
+    assert "network" not in torch.load(path, weights_only=True)["hyper_parameters"]
+    loaded = BackpropModule.load_from_checkpoint(path, network=_plain_net(16))
+    for p, q in zip(model.parameters(), loaded.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ subclass style
+def _example():
+    spec = importlib.util.spec_from_file_location("convert_existing_project", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _labels_dataset(n: int = 64) -> TensorDataset:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 40, generator=generator)
+    return TensorDataset(x, (x[:, :10]).argmax(1))
+
+
+def test_converted_project_trains_validates_and_reloads(tmp_path):
+    example = _example()
+    dataset = _labels_dataset()
+    loader = DataLoader(dataset, batch_size=16)
+    torch.manual_seed(0)
+    model = example.PCClassifier(width=32, lr=0.2)
+    assert model.network_for_rule() is model.net
+    x, y = dataset.tensors
+
+    def ce():
+        with torch.no_grad():
+            return float(F.cross_entropy(model(x), y))
+
+    before = ce()
+    trainer = _fit_with_checkpoints(tmp_path, model, epochs=4, loader=loader)
+    assert ce() < 0.8 * before
+    assert "val_acc" not in trainer.callback_metrics  # no val loader given
+    trainer.validate(model, loader, verbose=False)
+    accuracy = float((model(x).argmax(1) == y).float().mean())
+    assert float(trainer.callback_metrics["val_acc"]) == pytest.approx(accuracy)
+    loaded = example.PCClassifier.load_from_checkpoint(trainer.checkpoint_callback.last_model_path)
+    assert loaded.hparams["width"] == 32
+    for p, q in zip(model.parameters(), loaded.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_converted_project_update_matches_backprop_times_gamma():
+    """The converted class's PC step (SI + FPA) equals the original's backprop step with the
+    same loss (cross-entropy), i.e. the conversion keeps the training semantics."""
+    example = _example()
+    batch = _labels_dataset(16)
+    torch.manual_seed(0)
+    original = example.LitClassifier(width=32, lr=0.1)
+    torch.manual_seed(0)
+    converted = example.PCClassifier(width=32, lr=0.1)
+    start = _weights(original.net)
+    for model in (original, converted):
+        _trainer(max_steps=1).fit(model, DataLoader(batch, batch_size=16))
+    for name, w0 in start.items():
+        torch.testing.assert_close(
+            converted.net.get_parameter(name) - w0, original.net.get_parameter(name) - w0,
+            rtol=1e-4, atol=1e-7,
+        )
+
+
+class _StartWeights(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.readout = pl_module.net[-1].weight.detach().clone()
+
+
+def test_converted_project_under_mup(tmp_path):
+    """Subclass style under muP: the init rescale runs once, in setup (before the optimizer);
+    a second fit does not rescale again; checkpoints reload with base shapes."""
+    example = _example()
+    model = example.MuPClassifier(width=128, lr=0.1)
+    initial = model.net[-1].weight.detach().clone()
+    start = _StartWeights()
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[start], enable_checkpointing=True)
+    trainer.fit(model, DataLoader(_labels_dataset(), batch_size=16))
+    torch.testing.assert_close(start.readout, initial * 2.0**-0.5)  # m = 128 / 64
+    assert _infshape(model.net[-1].weight) == [(None, 10), (64, 128)]
+    trained = model.net[-1].weight.detach().clone()
+    again = _StartWeights()
+    _trainer(tmp_path, max_epochs=1, callbacks=[again]).fit(
+        model, DataLoader(_labels_dataset(), batch_size=16)
+    )
+    torch.testing.assert_close(again.readout, trained, rtol=0, atol=0)
+    path = trainer.checkpoint_callback.best_model_path
+    loaded = example.MuPClassifier.load_from_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    for (name, q), p in zip(loaded.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, saved[name], rtol=0, atol=0)
+        assert _infshape(q) == _infshape(p)
