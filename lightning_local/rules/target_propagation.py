@@ -1,0 +1,397 @@
+"""Target propagation (TP) and difference target propagation (DTP), spec section 2.
+
+Forward blocks ``f_l`` (``h_l = f_l(h_{l-1})``, ``f = h_L``) and feedback maps ``g_l`` for
+``l = 2 .. L`` (``g_l`` maps layer ``l`` back to layer ``l-1``). Per batch:
+
+1. feedforward ``h_0 .. h_L``;
+2. feedback: the closed-form ridge optimum on the batch, or gradient steps on the DTP noisy
+   reconstruction loss ``1/2 ||g_l(f_l(h_{l-1} + xi)) - (h_{l-1} + xi)||^2``,
+   ``xi ~ N(0, s^2)``;
+3. targets: ``tau_L = f - beta * d loss / d f``; TP ``tau_{l-1} = g_l(tau_l)``, DTP
+   ``tau_{l-1} = h_{l-1} + g_l(tau_l) - g_l(h_l)``;
+4. forward update from the local losses ``sum_l (w_l / 2B) ||tau_l - f_l(h_{l-1})||^2`` with
+   detached targets and inputs. The last layer's gradient is ``beta`` times backprop's.
+
+The surrogate returned by :meth:`TargetPropagation.training_loss` is that local loss plus (for
+``feedback_training="noisy"``) the batch-mean reconstruction loss: one scalar, one backward,
+one optimizer with forward and feedback parameter groups, one all-reduce under DDP.
+With ``feedback_steps = k > 1`` the first ``k - 1`` feedback steps run before the targets are
+built, as feedback-only steps of the same optimizer (:meth:`TargetPropagation.feedback_step`,
+whose gradients are synchronised through :attr:`TargetPropagation.all_reduce_sum`); the k-th
+shares the forward step. So targets always come from the feedback after ``k - 1`` steps on
+this batch, and closed-form feedback is fitted before the targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_local.errors import LocalLearningError, UnsupportedNetworkError
+from lightning_local.losses import LossName, OutputLoss
+from lightning_local.network import as_blocks, feedforward
+from lightning_local.rules._feedback import (
+    FeedbackKind,
+    build_feedback,
+    linear_map,
+    ridge_solution,
+)
+from lightning_local.rules.base import LocalRule, StepResult, check_finite, local_loss, rms
+
+__all__ = ["TPNetwork", "TargetPropagation"]
+
+FeedbackTraining = Literal["ridge", "noisy", "none"]
+
+
+class TPNetwork(nn.Module):
+    """A forward network and its feedback maps, in one module tree.
+
+    ``blocks`` is the forward network (so :func:`~lightning_local.network.as_blocks` sees its
+    blocks and muP base shapes cover both), ``feedback[l - 2]`` is ``g_l``. Built from a width
+    builder (e.g. :class:`~lightning_local.models.MLP`), :meth:`with_width` rebuilds both at
+    another width, which is what base and delta shapes are made from.
+
+    Args:
+        network: the forward network (``nn.Sequential`` of blocks, or a module with ``blocks``).
+        feedback: ``"linear"``, ``"nonlinear"`` (built from the blocks, see
+            :func:`~lightning_local.rules._feedback.build_feedback`) or your own
+            ``nn.ModuleList`` of ``L - 1`` maps.
+        input_shape: per-sample input shape, needed for convolutional networks.
+        trainable_feedback: whether feedback parameters take gradients (``False`` for feedback
+            fitted in closed form or kept fixed).
+        sigma: feedback init scale.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        feedback: FeedbackKind | nn.ModuleList = "linear",
+        input_shape: Sequence[int] | None = None,
+        trainable_feedback: bool = True,
+        sigma: float = 1.0,
+    ) -> None:
+        super().__init__()
+        blocks = as_blocks(network)
+        is_list = isinstance(network, (nn.Sequential, nn.ModuleList))
+        self.blocks = network if is_list else nn.Sequential(*blocks)
+        self.config = dict(
+            feedback=feedback if isinstance(feedback, str) else None,
+            input_shape=input_shape, trainable_feedback=trainable_feedback, sigma=sigma,
+        )
+        if isinstance(feedback, str):
+            feedback = build_feedback(blocks, feedback, input_shape, sigma)
+        elif not isinstance(feedback, nn.ModuleList) or len(feedback) != len(blocks) - 1:
+            raise UnsupportedNetworkError(
+                f"feedback must be 'linear', 'nonlinear' or an nn.ModuleList of "
+                f"{len(blocks) - 1} maps (g_2 .. g_L) for this {len(blocks)}-block network."
+            )
+        self.feedback = feedback.requires_grad_(trainable_feedback)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return feedforward(as_blocks(self), inputs)[-1]
+
+    @property
+    def width(self) -> int:
+        return int(self.blocks.width)
+
+    def with_width(self, width: int, device: torch.device | str | None = None) -> TPNetwork:
+        """The same forward architecture and feedback kind at width ``width``."""
+        if not hasattr(self.blocks, "with_width") or self.config["feedback"] is None:
+            raise UnsupportedNetworkError(
+                "with_width needs a forward network built by a width builder (e.g. MLP, CNN) "
+                "and feedback built from it ('linear' or 'nonlinear'). Fix: build the network "
+                "with lightning_local.models, or make base shapes from your own models."
+            )
+        network = self.blocks.with_width(width, device)
+        if device is None:
+            return TPNetwork(network, **self.config)
+        with torch.device(device):
+            return TPNetwork(network, **self.config)
+
+
+class TargetPropagation(LocalRule):
+    """TP / DTP on a :class:`TPNetwork` (build one with :meth:`build_network`).
+
+    Args:
+        loss: the output loss (``"mse"`` or ``"cross_entropy"``).
+        variant: ``"dtp"`` (difference-corrected targets) or ``"tp"``.
+        beta: output target step size, ``tau_L = f - beta * d loss / d f``.
+        feedback: feedback kind for :meth:`build_network`, ``"linear"`` or ``"nonlinear"``.
+        feedback_training: ``"ridge"`` (closed form on each batch, linear feedback only),
+            ``"noisy"`` (gradient steps on the noisy reconstruction loss) or ``"none"``
+            (fixed random feedback).
+        ridge: ``mu'`` of the closed form; layer ``l`` uses ``mu_l = mu' * n_l`` with ``n_l``
+            the size of ``h_l``, so the penalty keeps pace with the Gram eigenvalues
+            (``H_l^T H_l = Theta(n_l)``): the spec's "ridge mu scales like M".
+        noise_std: ``s``, the reconstruction noise's standard deviation.
+        feedback_steps: ``k``, noisy-reconstruction steps per batch (see the module docstring).
+        layer_weights: ``w_l`` of the local losses (default 1 for every layer).
+        compute_bp_angle: also log the angle (degrees) between each layer's TP update and the
+            backprop gradient (one extra forward and backward pass).
+
+    Attributes:
+        all_reduce_sum: ``None`` in one process; under DDP a function summing a tensor over
+            processes (in place or not). It syncs the ridge Gram sums and the gradients of
+            :meth:`feedback_step`, one call each.
+    """
+
+    name = "tp"
+
+    def __init__(
+        self,
+        loss: LossName | OutputLoss = "mse",
+        *,
+        variant: Literal["tp", "dtp"] = "dtp",
+        beta: float = 0.5,
+        feedback: FeedbackKind = "linear",
+        feedback_training: FeedbackTraining = "ridge",
+        ridge: float = 0.1,
+        noise_std: float = 0.1,
+        feedback_steps: int = 1,
+        layer_weights: Sequence[float] | None = None,
+        compute_bp_angle: bool = False,
+    ) -> None:
+        super().__init__(loss)
+        for key, value, allowed in (
+            ("variant", variant, ("tp", "dtp")),
+            ("feedback", feedback, ("linear", "nonlinear")),
+            ("feedback_training", feedback_training, ("ridge", "noisy", "none")),
+        ):
+            if value not in allowed:
+                raise LocalLearningError(f"unknown {key} {value!r}. Fix: use one of {allowed}.")
+        if feedback_training == "ridge" and feedback != "linear":
+            raise LocalLearningError(
+                "closed-form ridge feedback needs linear feedback maps. Fix: feedback='linear', "
+                "or feedback_training='noisy' for nonlinear feedback."
+            )
+        if feedback_steps < 1 or (feedback_training != "noisy" and feedback_steps != 1):
+            raise LocalLearningError(
+                f"feedback_steps={feedback_steps}: it counts noisy-reconstruction steps per batch "
+                "and must be >= 1, and 1 for ridge or fixed feedback. Fix: feedback_steps=1, "
+                "or feedback_training='noisy'."
+            )
+        if beta <= 0 or ridge <= 0 or noise_std < 0:
+            raise LocalLearningError(
+                f"beta={beta}, ridge={ridge}, noise_std={noise_std}: beta and ridge must be "
+                "positive, noise_std non-negative. Fix: e.g. beta=0.5, ridge=0.1, noise_std=0.1."
+            )
+        self.variant, self.beta, self.feedback = variant, float(beta), feedback
+        self.feedback_training, self.ridge, self.noise_std = feedback_training, ridge, noise_std
+        self.feedback_steps = int(feedback_steps)
+        self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
+        self.compute_bp_angle = compute_bp_angle
+        self.all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+
+    def hparams(self) -> dict[str, object]:
+        return dict(
+            super().hparams(), variant=self.variant, beta=self.beta, feedback=self.feedback,
+            feedback_training=self.feedback_training, ridge=self.ridge,
+            noise_std=self.noise_std, feedback_steps=self.feedback_steps,
+            layer_weights=self.layer_weights,
+        )
+
+    def build_network(
+        self, network: nn.Module, input_shape: Sequence[int] | None = None
+    ) -> TPNetwork:
+        """Wrap ``network`` with feedback maps built from its blocks for this rule's settings."""
+        trainable = self.feedback_training == "noisy"
+        wrapped = TPNetwork(network, self.feedback, input_shape, trainable_feedback=trainable)
+        if self.feedback_training == "ridge":
+            self._linear_maps(wrapped.feedback)  # fail now rather than at the first step
+        return wrapped
+
+    def _parts(self, network: nn.Module) -> tuple[list[nn.Module], nn.ModuleList]:
+        blocks, feedback = as_blocks(network), getattr(network, "feedback", None)
+        if not isinstance(feedback, nn.ModuleList) or len(feedback) != len(blocks) - 1:
+            raise UnsupportedNetworkError(
+                f"{type(network).__name__} carries no feedback maps g_2..g_L. Fix: wrap the "
+                "forward network with rule.build_network(network) and train that."
+            )
+        wanted = self.feedback_training == "noisy"
+        if any(p.requires_grad for p in feedback.parameters()) != wanted:
+            raise LocalLearningError(
+                f"feedback_training={self.feedback_training!r} needs feedback parameters with "
+                f"requires_grad={wanted}. Fix: build the network with this rule's "
+                f"build_network(...), or call network.feedback.requires_grad_({wanted}) before "
+                "creating the optimizer."
+            )
+        return blocks, feedback
+
+    def _weights(self, depth: int) -> list[float]:
+        if self.layer_weights is None:
+            return [1.0] * depth
+        if len(self.layer_weights) != depth:
+            raise LocalLearningError(
+                f"layer_weights has {len(self.layer_weights)} entries for {depth} blocks. Fix: "
+                "give one weight per block."
+            )
+        return self.layer_weights
+
+    @staticmethod
+    def _linear_maps(feedback: nn.ModuleList) -> list[nn.Linear]:
+        maps = [linear_map(g) for g in feedback]
+        if any(m is None for m in maps):
+            raise UnsupportedNetworkError(
+                "closed-form ridge feedback needs linear feedback maps (an nn.Linear, "
+                "optionally followed by Unflatten); convolutional or nonlinear feedback has none. "
+                "Fix: feedback_training='noisy'."
+            )
+        return maps
+
+    @torch.no_grad()
+    def fit_feedback(self, network: nn.Module, activations: Sequence[Tensor]) -> None:
+        """Write the closed-form ridge optimum ``Q_l*`` on this batch into each ``g_l``."""
+        maps = self._linear_maps(getattr(network, "feedback", network))
+        features = [h.flatten(1) for h in activations[2:]]
+        ridges = [self.ridge * x.shape[1] for x in features]
+        reconstruct = [h.flatten(1) for h in activations[1:-1]]
+        solutions = ridge_solution(features, reconstruct, ridges, self.all_reduce_sum)
+        for linear, solution in zip(maps, solutions):
+            linear.weight.copy_(solution)
+
+    def _reconstruction_sum(
+        self, blocks: Sequence[nn.Module], feedback: nn.ModuleList, activations: Sequence[Tensor]
+    ) -> Tensor:
+        """``sum_b sum_l 1/2 ||g_l(f_l(h_{l-1} + xi)) - (h_{l-1} + xi)||^2``.
+
+        ``f_l`` runs without grad, so only the feedback parameters get gradients.
+        """
+        total = activations[0].new_zeros(())
+        for index, g in enumerate(feedback, start=1):
+            noisy = activations[index] + self.noise_std * torch.randn_like(activations[index])
+            with torch.no_grad():
+                forward = blocks[index](noisy)
+            total = total + 0.5 * (g(forward) - noisy).pow(2).sum()
+        return total
+
+    def feedback_step(
+        self, network: nn.Module, inputs: Tensor, optimizer: torch.optim.Optimizer
+    ) -> Tensor:
+        """One feedback-only optimizer step on the noisy reconstruction loss; returns its mean.
+
+        Gradients of the batch sum go through :attr:`all_reduce_sum` (one call) and are divided
+        by the global batch size; forward parameters keep ``grad = None``, so the optimizer
+        leaves them (and their optimizer state) untouched.
+        """
+        blocks, feedback = self._parts(network)
+        if self.feedback_training != "noisy":
+            raise LocalLearningError("feedback_step trains feedback by gradient; this rule has "
+                                     f"feedback_training={self.feedback_training!r}.")
+        with torch.no_grad():
+            activations = feedforward(blocks, inputs)
+        params = list(feedback.parameters())
+        total = self._reconstruction_sum(blocks, feedback, activations)
+        grads = torch.autograd.grad(total, params)
+        flat = torch.cat([g.flatten() for g in grads] + [total.detach().view(1),
+                                                        total.new_full((1,), inputs.shape[0])])
+        if self.all_reduce_sum is not None:
+            flat = self.all_reduce_sum(flat)
+        optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(params, flat[:-2].split([p.numel() for p in params])):
+            p.grad = g.view_as(p) / flat[-1]
+        optimizer.step()
+        return flat[-2] / flat[-1]
+
+    def step(
+        self, network: nn.Module, inputs: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer
+    ) -> StepResult:
+        """``k - 1`` feedback steps, then one joint step of forward and feedback weights."""
+        for _ in range(self.feedback_steps - 1):
+            self.feedback_step(network, inputs, optimizer)
+        return super().step(network, inputs, targets, optimizer)
+
+    @torch.no_grad()
+    def _targets(
+        self, feedback: nn.ModuleList, activations: Sequence[Tensor], output_grad: Tensor
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Targets ``[tau_1, ..., tau_L]`` and reconstruction errors of ``g_2 .. g_L``."""
+        depth = len(activations) - 1
+        targets = [activations[-1] - self.beta * output_grad]
+        errors = []
+        for layer in range(depth, 1, -1):
+            g, below = feedback[layer - 2], activations[layer - 1]
+            reconstruction = g(activations[layer])
+            errors.append(0.5 * (reconstruction - below).pow(2).sum() / below.shape[0])
+            if self.variant == "dtp":
+                targets.append(below + g(targets[-1]) - reconstruction)
+            else:
+                targets.append(g(targets[-1]))
+        return targets[::-1], errors[::-1]
+
+    @torch.no_grad()
+    def _feedforward_and_targets(
+        self, blocks: Sequence[nn.Module], feedback: nn.ModuleList, inputs: Tensor, targets: Tensor
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        activations = feedforward(blocks, inputs)
+        if self.feedback_training == "ridge":
+            self.fit_feedback(feedback, activations)
+        output_grad = self.loss.grad(activations[-1], targets)
+        return activations, *self._targets(feedback, activations, output_grad)
+
+    def layer_targets(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
+        """The targets ``[tau_1, ..., tau_L]`` that :meth:`training_loss` builds for a batch.
+
+        Closed-form feedback is fitted on the batch first (and stays written in the network).
+        """
+        return self._feedforward_and_targets(*self._parts(network), inputs, targets)[1]
+
+    def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
+        blocks, feedback = self._parts(network)
+        activations, layer_targets, errors = self._feedforward_and_targets(
+            blocks, feedback, inputs, targets
+        )
+        output = activations[-1]
+        loss = self.loss.mean(output, targets)
+        weights = self._weights(len(blocks))
+        forward_loss = local_loss(blocks, activations[:-1], layer_targets, weights)
+        surrogate = forward_loss
+        if self.feedback_training == "noisy":
+            reconstruction = self._reconstruction_sum(blocks, feedback, activations)
+            surrogate = surrogate + reconstruction / inputs.shape[0]
+        check_finite(surrogate, "the target-propagation local loss")
+        batch = inputs.shape[0]
+        metrics = {
+            "local_loss": torch.stack([
+                w * 0.5 * (tau - h).pow(2).sum() / batch
+                for w, tau, h in zip(weights, layer_targets, activations[1:])
+            ]),
+            "reconstruction_error": torch.stack(errors),
+            "target_norm": torch.stack([rms(tau) for tau in layer_targets]),
+        }
+        if self.feedback_training == "noisy":
+            metrics["feedback_loss"] = reconstruction.detach() / batch
+        if self.compute_bp_angle:
+            metrics["bp_angle"] = self._bp_angles(blocks, inputs, targets, forward_loss)
+        return StepResult(loss=loss, surrogate=surrogate, output=output, metrics=metrics)
+
+    def _bp_angles(
+        self, blocks: Sequence[nn.Module], inputs: Tensor, targets: Tensor, forward_loss: Tensor
+    ) -> Tensor:
+        """Per block, the angle in degrees between the TP and backprop weight gradients."""
+        groups = [[p for p in block.parameters() if p.requires_grad] for block in blocks]
+        params = [p for group in groups for p in group]
+        tp = torch.autograd.grad(forward_loss, params, retain_graph=True, allow_unused=True)
+        with torch.enable_grad():
+            bp_loss = self.loss.mean(feedforward(blocks, inputs)[-1], targets)
+        bp = torch.autograd.grad(bp_loss, params, allow_unused=True)
+        angles, start = [], 0
+        for group in groups:
+            end = start + len(group)
+            a = _flat(tp[start:end], group, inputs)
+            b = _flat(bp[start:end], group, inputs)
+            start = end
+            cosine = torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-30)
+            angles.append(torch.rad2deg(torch.arccos(cosine.clamp(-1.0, 1.0))))
+        return torch.stack(angles).detach()
+
+
+def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor], like: Tensor) -> Tensor:
+    """Concatenated flat gradients (zeros for unused parameters; NaN angle for no params)."""
+    if not params:
+        return like.new_zeros(1)
+    return torch.cat([
+        (torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)
+    ])
