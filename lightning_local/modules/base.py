@@ -331,6 +331,25 @@ class LocalLearningModule(L.LightningModule):
                     p.infshape = shapes[name]
         return result
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle with the base shapes beside the parameters, by name.
+
+        ``torch.multiprocessing`` (``ddp_spawn``) rebuilds parameters without their Python
+        attributes, so ``p.infshape`` would be lost in the spawned processes.
+        """
+        state = super().__getstate__()
+        state["_infshapes"] = {
+            name: p.infshape for name, p in self.named_parameters() if hasattr(p, "infshape")
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        shapes = state.pop("_infshapes", {})
+        super().__setstate__(state)
+        for name, p in self.named_parameters():
+            if name in shapes and not hasattr(p, "infshape"):
+                p.infshape = shapes[name]
+
     def forward(self, x: Tensor) -> Tensor:
         """The network's forward pass ``f(x)``."""
         return self.network_for_rule()(x)
