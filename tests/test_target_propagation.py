@@ -256,7 +256,7 @@ def test_training_lowers_the_loss_on_a_small_task(settings):
 def test_cnn_gets_shape_matching_feedback_and_trains_with_noisy_reconstruction():
     torch.manual_seed(0)
     rule = TargetPropagation(feedback_training="noisy", compute_bp_angle=True)
-    net = rule.build_network(CNN(1, 9, 4, 3, conv_layers=2), input_shape=(1, 9, 9))
+    net = rule.build_network(CNN(1, 9, 4, 3, conv_layers=2))  # input shape from the config
     x, y = torch.randn(5, 1, 9, 9), torch.randint(0, 3, (5,))
     activations = feedforward(as_blocks(net), x)
     for layer, g in enumerate(net.feedback, start=2):
@@ -271,9 +271,10 @@ def test_unsupported_networks_and_settings_raise_library_errors():
     with pytest.raises(UnsupportedNetworkError, match="build_network"):
         TargetPropagation().training_loss(MLP(6, 8, 3), *_data())
     with pytest.raises(UnsupportedNetworkError, match="noisy"):
-        TargetPropagation().build_network(CNN(1, 8, 4, 3), input_shape=(1, 8, 8))
+        TargetPropagation().build_network(CNN(1, 8, 4, 3))
+    conv = nn.Sequential(*CNN(1, 8, 4, 3))  # a plain Sequential: no known input shape
     with pytest.raises(UnsupportedNetworkError, match="input_shape"):
-        TargetPropagation(feedback_training="noisy").build_network(CNN(1, 8, 4, 3))
+        TargetPropagation(feedback_training="noisy").build_network(conv)
     odd = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)),
                         nn.Linear(8, 2))
     with pytest.raises(UnsupportedNetworkError, match="block 1"):

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_local.errors import LocalLearningError, UnsupportedNetworkError
 from lightning_local.losses import LossName, OutputLoss
+from lightning_local.models import CNN
 from lightning_local.network import as_blocks, feedforward
 from lightning_local.rules._feedback import (
     FeedbackKind,
@@ -59,7 +60,8 @@ class TPNetwork(nn.Module):
         feedback: ``"linear"``, ``"nonlinear"`` (built from the blocks, see
             :func:`~lightning_local.rules._feedback.build_feedback`) or your own
             ``nn.ModuleList`` of ``L - 1`` maps.
-        input_shape: per-sample input shape, needed for convolutional networks.
+        input_shape: per-sample input shape, needed for convolutional networks other than
+            :class:`~lightning_local.models.CNN` (whose shape is read off its config).
         trainable_feedback: whether feedback parameters take gradients (``False`` for feedback
             fitted in closed form or kept fixed).
         sigma: feedback init scale.
@@ -81,6 +83,9 @@ class TPNetwork(nn.Module):
             feedback=feedback if isinstance(feedback, str) else None,
             input_shape=input_shape, trainable_feedback=trainable_feedback, sigma=sigma,
         )
+        if input_shape is None and isinstance(network, CNN):
+            size = network.config["image_size"]
+            input_shape = (network.config["in_channels"], size, size)
         if isinstance(feedback, str):
             feedback = build_feedback(blocks, feedback, input_shape, sigma)
         elif not isinstance(feedback, nn.ModuleList) or len(feedback) != len(blocks) - 1:
