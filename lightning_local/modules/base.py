@@ -42,6 +42,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self
 
+from lightning_local.distributed import check_supported_strategy
 from lightning_local.errors import (
     LocalLearningError,
     MissingBaseShapesError,
@@ -310,7 +311,14 @@ class LocalLearningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        """Apply the parametrization before the optimizer and any DDP wrapper exist."""
+        """Apply the parametrization before the optimizer and any DDP wrapper exist.
+
+        Raises:
+            LocalLearningError: under a sharding strategy (FSDP, DeepSpeed), which loses the
+                base shapes and gathers weights on every inference step.
+        """
+        if self._trainer is not None:
+            check_supported_strategy(self._trainer.strategy)
         self.apply_parametrization()
 
     def load_state_dict(
