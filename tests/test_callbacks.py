@@ -1,0 +1,161 @@
+"""Diagnostics callbacks: local-update/backprop cosines, the run config, the progress bar."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_local.callbacks import (
+    LocalUpdateAlignment,
+    LogRunConfig,
+    base_shape_table,
+    local_update_cosines,
+)
+from lightning_local.errors import LocalLearningError
+from lightning_local.models import MLP
+from lightning_local.modules import BackpropModule, PredictiveCodingModule
+from lightning_local.network import as_blocks, feedforward
+from lightning_local.rules import PredictiveCoding
+from lightning_local.rules.target_propagation import TargetPropagation
+
+
+class _Capture(Logger):
+    """Keeps what Lightning logs, in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hyperparams: dict[str, Any] = {}
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self.hyperparams.update(dict(params))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+
+def _batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 40, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+
+
+def _loader(steps: int) -> DataLoader:
+    inputs, targets = _batch(8 * steps)
+    return DataLoader(TensorDataset(inputs, targets), batch_size=8)
+
+
+def _fit(module: L.LightningModule, steps: int, callbacks: list, logger: Any = False) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=logger, callbacks=callbacks,
+        log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, _loader(steps))
+    return trainer
+
+
+def _reference_cosines(rule: PredictiveCoding, network: nn.Module, inputs, targets) -> list:
+    """Per block: gradients by ``.backward()`` on copies, cosine in float64 by hand."""
+    local_net, bp_net = copy.deepcopy(network), copy.deepcopy(network)
+    rule.training_loss(local_net, inputs, targets).surrogate.backward()
+    rule.loss.mean(feedforward(as_blocks(bp_net), inputs)[-1], targets).backward()
+    cosines = []
+    for a_block, b_block in zip(as_blocks(local_net), as_blocks(bp_net)):
+        a = torch.cat([p.grad.flatten() for p in a_block.parameters()]).double()
+        b = torch.cat([p.grad.flatten() for p in b_block.parameters()]).double()
+        cosines.append(float(a @ b / (a.norm() * b.norm())))
+    return cosines
+
+
+def test_exact_pc_update_has_cosine_one_with_backprop():
+    """F-ini + one SI sweep + FPA, kappa = gamma = 1: PC's update is gamma_L x backprop's."""
+    torch.manual_seed(0)
+    network = MLP(width=16, depth=4)
+    rule = PredictiveCoding(inference="sequential", inference_steps=1, output_weight=3.0)
+    cosines = local_update_cosines(rule, network, *_batch())
+    assert cosines.shape == (4,)
+    assert torch.allclose(cosines, torch.ones(4), atol=1e-5)
+
+
+def test_cosines_match_backward_on_copies():
+    torch.manual_seed(1)
+    network = MLP(width=16, depth=3)
+    rule = PredictiveCoding(
+        inference="simultaneous", inference_steps=4, inference_lr=0.3, fixed_prediction=False
+    )
+    inputs, targets = _batch()
+    cosines = local_update_cosines(rule, network, inputs, targets)
+    reference = _reference_cosines(rule, network, inputs, targets)
+    assert cosines.tolist() == pytest.approx(reference, abs=1e-5)
+    assert min(reference) < 0.999  # not the exact setting: the cosines carry information
+
+
+def test_cosines_leave_gradients_and_random_stream_untouched():
+    torch.manual_seed(2)
+    rule = TargetPropagation(feedback_training="noisy", noise_std=0.3)
+    network = rule.build_network(MLP(width=16, depth=3))
+    state = torch.get_rng_state()
+    cosines = local_update_cosines(rule, network, *_batch())
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in network.parameters())
+    assert cosines.shape == (3,) and bool((cosines.abs() <= 1 + 1e-6).all())
+
+
+def test_alignment_callback_logs_every_n_steps_and_does_not_change_training():
+    def module() -> PredictiveCodingModule:
+        torch.manual_seed(3)
+        return PredictiveCodingModule(
+            MLP(width=16), inference="simultaneous", inference_steps=3, inference_lr=0.2
+        )
+
+    watched, plain, logger = module(), module(), _Capture()
+    _fit(watched, 4, [LocalUpdateAlignment(every_n_steps=2)], logger)
+    _fit(plain, 4, [])
+    for p, q in zip(watched.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+    logged = [step for step, metrics in logger.metrics if "train/bp_cosine/layer_2" in metrics]
+    assert logged == [0, 2]
+
+
+def test_alignment_callback_rejects_bad_settings():
+    with pytest.raises(LocalLearningError, match="every_n_steps"):
+        LocalUpdateAlignment(every_n_steps=0)
+
+
+def test_run_config_under_sp_has_plain_shapes_and_the_optimizer_lr():
+    module, logger = BackpropModule(MLP(width=16), lr=0.05), _Capture()
+    _fit(module, 1, [LogRunConfig()], logger)
+    table = logger.hyperparams["base_shape_table"]
+    for name, p in module.network_for_rule().named_parameters():
+        assert table[name] == {"shape": list(p.shape), "base_shape": list(p.shape),
+                               "width_mult": 1.0, "role": None, "lr": 0.05}
+    assert logger.hyperparams["rule"] == {"rule": "bp", "loss": "mse"}
+    assert logger.hyperparams["processes"]["world_size"] == 1
+
+
+def test_base_shape_table_reads_mup_roles():
+    network = PredictiveCodingModule(MLP(width=32), parametrization="mup", base_width=8).network
+    rows = {row["name"]: row for row in base_shape_table(network)}
+    assert rows["1.0.weight"]["base_shape"] == [8, 8] and rows["1.0.weight"]["role"] == "hidden"
+    assert rows["2.bias"]["width_mult"] == 1.0 and rows["2.bias"]["role"] == "scalar"
+    assert rows["0.0.bias"]["width_mult"] == 4.0 and rows["0.0.bias"]["lr"] is None
+
+
+def test_progress_bar_shows_loss_and_energy():
+    trainer = _fit(PredictiveCodingModule(MLP(width=16)), 1, [])
+    assert {"train/loss", "train/energy_after"} <= set(trainer.progress_bar_metrics)
