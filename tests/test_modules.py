@@ -436,7 +436,8 @@ def test_converted_project_under_mup(tmp_path):
     torch.testing.assert_close(again.readout, trained, rtol=0, atol=0)
     path = trainer.checkpoint_callback.best_model_path
     loaded = example.MuPClassifier.load_from_checkpoint(path)
-    saved = torch.load(path, weights_only=True)["state_dict"]
+    _trainer().validate(loaded, DataLoader(_labels_dataset(), batch_size=16), verbose=False)
+    saved = torch.load(path, weights_only=True)["state_dict"]  # setup rescaled nothing
     for (name, q), p in zip(loaded.named_parameters(), model.parameters()):
         torch.testing.assert_close(q, saved[name], rtol=0, atol=0)
         assert _infshape(q) == _infshape(p)
