@@ -133,26 +133,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         default_root_dir=args.out,
     )
     trainer.fit(model, datamodule=data)
+    # read the paths now: testing from the best checkpoint restores the callback's old state
+    best, last = checkpoints.best_model_path, checkpoints.last_model_path
     tested = trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)[0]
     return {
         "test_acc": float(tested["test/acc"]),
         "test_loss": float(tested["test/loss"]),
-        "log_dir": trainer.log_dir,
-        "best_checkpoint": checkpoints.best_model_path,
-        "last_checkpoint": checkpoints.last_model_path,
+        "log_dir": _log_dir(logger),
+        "best_checkpoint": best,
+        "last_checkpoint": last,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _log_dir(logger: Any) -> str:
+    """The run's log folder: the CSV version folder, or wandb's offline run folder."""
+    if hasattr(logger, "experiment") and hasattr(logger.experiment, "dir"):  # wandb
+        return str(Path(logger.experiment.dir).parent)
+    return str(logger.log_dir)
 
 
 def _logger(args: argparse.Namespace, name: str) -> Any:
     save_dir = Path(args.out) / "quickstart"
     if args.wandb:
-        from lightning.pytorch.loggers import WandbLogger
+        from lightning_local.loggers import make_wandb_logger
 
-        save_dir.mkdir(parents=True, exist_ok=True)
-        return WandbLogger(
-            name=name, project="lightning-local", save_dir=str(save_dir), offline=True
-        )
+        return make_wandb_logger(name=name, save_dir=save_dir, offline=True)
     from lightning.pytorch.loggers import CSVLogger
 
     return CSVLogger(save_dir=str(save_dir), name=name)
@@ -184,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"test accuracy: {result['test_acc']:.4f} (test loss {result['test_loss']:.4f})")
     print(f"logs:          {result['log_dir']}")
+    if args.wandb:
+        print(f"               (offline wandb run: `wandb sync {result['log_dir']}` uploads it)")
     print(f"checkpoint:    {result['best_checkpoint']} (best val/acc)")
     print(f"               {result['last_checkpoint']} (last)")
     print(f"wall time:     {result['seconds']:.1f} s")

@@ -128,8 +128,9 @@ def test_quickstart_reports_accuracy_and_paths(data_dir, tmp_path, capsys):
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out).group(1))
     log_dir = Path(re.search(r"logs:\s+(\S+)", out).group(1))
     best = Path(re.search(r"checkpoint:\s+(\S+) \(best", out).group(1))
+    last = Path(re.search(r"\s(\S+) \(last\)", out).group(1))
     assert log_dir.is_relative_to(tmp_path / "quickstart") and (log_dir / "metrics.csv").is_file()
-    assert best.is_file()
+    assert best.is_file() and last.name == "last.ckpt" and last.is_file()
     # the printed accuracy is the best checkpoint's accuracy on the test split
     model = PredictiveCodingModule.load_from_checkpoint(best)
     assert model.parametrization.name == "mup" and model.network.width == 32
@@ -151,3 +152,15 @@ def test_quickstart_backprop_sp_and_divergence_hint(data_dir, tmp_path, capsys):
     code, _, err = _quickstart(capsys, "--lr", "1e12", "--epochs", "3", *common)
     assert code == 1
     assert "diverged" in err and "--parametrization mup" in err
+
+
+def test_quickstart_logs_offline_to_wandb(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    code, out, _ = _quickstart(
+        capsys, "--wandb", "--epochs", "1", "--width", "16", "--num-samples", "300",
+        "--data-dir", data_dir, "--out", str(tmp_path),
+    )
+    assert code == 0
+    run_dir = Path(re.search(r"logs:\s+(\S+)", out).group(1))
+    assert run_dir.name.startswith("offline-run-") and run_dir.is_relative_to(tmp_path)
+    assert list(run_dir.glob("*.wandb")), "no offline wandb log was written"
