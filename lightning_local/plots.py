@@ -1,0 +1,134 @@
+"""Figures of the sweeps and coordinate checks (matplotlib, no global pyplot state).
+
+- :func:`plot_transfer`: one panel per rule x parametrization, the metric against
+  ``log2(lr)``, one curve per width, the best lr of each width marked by a star and diverged
+  runs by a cross at the top of the panel;
+- :func:`plot_coord_check`: for one rule, one row per parametrization and one panel per
+  quantity, the rms size against width (log-log) after the last step, one line per layer, with
+  the fitted slope in the legend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from lightning_local.sweeps.results import METRICS, best_learning_rates
+
+__all__ = ["plot_transfer", "plot_coord_check"]
+
+
+def _width_colors(widths: Sequence[int]) -> dict[int, Any]:
+    cmap = colormaps["viridis"]
+    span = max(len(widths) - 1, 1)
+    return {w: cmap(0.9 * i / span) for i, w in enumerate(sorted(widths))}
+
+
+def plot_transfer(
+    records: Iterable[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    metric: str = "train_loss",
+    title: str | None = None,
+) -> Path:
+    """Write the transfer figure of sweep ``records`` to ``path``; return the path."""
+    records = list(records)
+    best = best_learning_rates(records, metric)
+    rules = list(dict.fromkeys(b.rule for b in best))
+    params = list(dict.fromkeys(b.parametrization for b in best))
+    colors = _width_colors(sorted({b.width for b in best}))
+    lower_is_better = METRICS[metric] == "min"
+    figure = Figure(figsize=(4.2 * len(params), 3.0 * len(rules) + 0.4))
+    axes = figure.subplots(len(rules), len(params), squeeze=False)
+    for row, rule in enumerate(rules):
+        for col, param in enumerate(params):
+            ax = axes[row][col]
+            entries = [b for b in best if b.rule == rule and b.parametrization == param]
+            finite_values = [s for b in entries for s in b.scores.values() if math.isfinite(s)]
+            top = ax.get_xaxis_transform()
+            for entry in entries:
+                lrs = sorted(entry.scores)
+                xs = [math.log2(lr) for lr in lrs if math.isfinite(entry.scores[lr])]
+                ys = [entry.scores[lr] for lr in lrs if math.isfinite(entry.scores[lr])]
+                color = colors[entry.width]
+                ax.plot(xs, ys, "o-", ms=3, lw=1.2, color=color, label=f"M={entry.width}")
+                crossed = [math.log2(lr) for lr in lrs if not math.isfinite(entry.scores[lr])]
+                ax.plot(crossed, [0.97] * len(crossed), "x", color=color, ms=5, transform=top)
+                if entry.lr is not None:
+                    ax.plot([math.log2(entry.lr)], [entry.score], "*", ms=13, color=color,
+                            mec="black", mew=0.8, zorder=5)
+            if finite_values and lower_is_better and min(finite_values) > 0:
+                ax.set_yscale("log")
+                low = min(finite_values)
+                ax.set_ylim(low / 1.3, min(max(finite_values), 30 * low) * 1.3)
+            ax.set_title(f"{rule} / {param}", fontsize=10)
+            ax.set_xlabel("log2 lr")
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=7, loc="best")
+    if title:
+        figure.suptitle(title)
+    figure.text(0.01, 0.005, "star: best lr per width; x: diverged", fontsize=7)
+    figure.tight_layout(rect=(0, 0.015, 1, 1))
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def plot_coord_check(
+    records: Iterable[Mapping[str, Any]],
+    slopes: Iterable[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    rule: str,
+    step: int | None = None,
+) -> Path:
+    """Write the coordinate-check figure of one ``rule`` to ``path``; return the path.
+
+    ``records`` and ``slopes`` are those of
+    :class:`~lightning_local.coord_check.CoordCheckResult`; ``step`` defaults to the last.
+    """
+    records = [r for r in records if r["rule"] == rule]
+    slopes = [s for s in slopes if s["rule"] == rule]
+    step = max(r["step"] for r in records) if step is None else step
+    params = list(dict.fromkeys(r["parametrization"] for r in records))
+    quantities = list(dict.fromkeys(r["quantity"] for r in records))
+    slope_of = {
+        (s["parametrization"], s["quantity"], s["layer"]): s["slope"]
+        for s in slopes if s["step"] == step
+    }
+    figure = Figure(figsize=(3.1 * len(quantities), 2.7 * len(params) + 0.5))
+    axes = figure.subplots(len(params), len(quantities), squeeze=False)
+    cmap = colormaps["plasma"]
+    for row, param in enumerate(params):
+        for col, quantity in enumerate(quantities):
+            ax = axes[row][col]
+            chosen = [r for r in records if r["parametrization"] == param
+                      and r["quantity"] == quantity and r["step"] == step]
+            layers = sorted({r["layer"] for r in chosen})
+            for index, layer in enumerate(layers):
+                points = sorted((r["width"], r["value"]) for r in chosen if r["layer"] == layer)
+                points = [(w, v) for w, v in points if v is not None and v > 0]
+                if not points:
+                    continue
+                slope = slope_of.get((param, quantity, layer))
+                label = f"layer {layer}" + ("" if slope is None else f" ({slope:+.2f})")
+                color = cmap(0.85 * index / max(len(layers) - 1, 1))
+                ax.plot(*zip(*points), "o-", ms=3, color=color, label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{param}: {quantity}", fontsize=9)
+            ax.set_xlabel("width")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, loc="best")
+    figure.suptitle(f"{rule}: rms after step {step} (slope vs width in the legend)", fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    return path
+

@@ -1,0 +1,110 @@
+"""``lightning-local sweep``: the width x learning-rate sweep from the command line.
+
+    lightning-local sweep --rules bp pc-si dtp --widths 64 256 1024 --log2-lr -8 1 \\
+        --epochs 5 --output runs/transfer
+
+Rerunning the same command skips the runs already in ``<output>/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lightning_local.errors import LocalLearningError
+from lightning_local.sweeps.experiment import RULE_VARIANTS
+from lightning_local.sweeps.results import METRICS
+from lightning_local.sweeps.runner import SweepConfig, log2_grid, sweep
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lightning-local sweep``."""
+    defaults = SweepConfig()
+    parser = argparse.ArgumentParser(
+        prog="lightning-local sweep",
+        description="Train every (rule, parametrization, width, lr, seed) run, write "
+        "results.jsonl and transfer.png, print the best lr per width and its shift. "
+        "Rerunning the same command skips finished runs.",
+    )
+    grid = parser.add_argument_group("grid")
+    grid.add_argument("--rules", nargs="+", default=["bp"],
+                      help=f"rule variants: {', '.join(RULE_VARIANTS)}; overrides after a "
+                      "colon, e.g. 'pc-sim:inference_steps=16,inference_lr=0.1'")
+    grid.add_argument("--parametrizations", nargs="+", default=["sp", "mup"],
+                      choices=["sp", "mup"])
+    grid.add_argument("--widths", nargs="+", type=int, default=list(defaults.widths))
+    lrs = grid.add_mutually_exclusive_group()
+    lrs.add_argument("--log2-lr", nargs="+", type=float, default=None,
+                     metavar="START STOP [STEP]",
+                     help="lr grid 2^START .. 2^STOP in steps of STEP (default: -6 1 1, "
+                     "factors of 2)")
+    lrs.add_argument("--lrs", nargs="+", type=float, default=None, help="explicit lr values")
+    grid.add_argument("--seeds", nargs="+", type=int, default=[0])
+    budget = parser.add_argument_group("budget and data")
+    budget.add_argument("--epochs", type=int, default=defaults.epochs)
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps (not epochs)")
+    budget.add_argument("--dataset", default="mnist1d", choices=["mnist1d", "fashion-mnist"])
+    budget.add_argument("--data-dir", default=None)
+    budget.add_argument("--num-samples", type=int, default=defaults.num_samples,
+                        help="MNIST-1D size (80%% train)")
+    model = parser.add_argument_group("model and optimizer")
+    model.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    model.add_argument("--base-width", type=int, default=defaults.base_width)
+    model.add_argument("--depth", type=int, default=defaults.depth)
+    model.add_argument("--activation", default=defaults.activation)
+    model.add_argument("--bias", action="store_true", help="give the layers biases")
+    model.add_argument("--loss", default=defaults.loss, choices=["mse", "cross_entropy"])
+    model.add_argument("--momentum", type=float, default=defaults.momentum)
+    model.add_argument("--output-weight-exponent", type=float, default=0.0,
+                       help="muP's g for PC (gamma_L = gamma_L' m^-g)")
+    model.add_argument("--zero-readout", action="store_true",
+                       help="start the readout's weights at 0")
+    run = parser.add_argument_group("running")
+    run.add_argument("--output", default="sweep", help="output folder")
+    run.add_argument("--workers", type=int, default=1, help="parallel processes")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch threads per process (default 1 with several workers)")
+    run.add_argument("--metric", default="train_loss", choices=sorted(METRICS),
+                     help="what the best lr optimizes")
+    run.add_argument("--no-plot", action="store_true")
+    run.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lightning-local sweep``; returns the exit code."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    try:
+        if args.log2_lr is not None and len(args.log2_lr) not in (2, 3):
+            raise LocalLearningError(
+                f"--log2-lr takes START STOP [STEP], got {args.log2_lr}. Fix: e.g. --log2-lr -8 1."
+            )
+        lrs = args.lrs or (log2_grid(*args.log2_lr) if args.log2_lr else log2_grid(-6, 1))
+        config = SweepConfig(
+            rules=args.rules, parametrizations=args.parametrizations, widths=args.widths,
+            lrs=lrs, seeds=args.seeds, epochs=args.epochs, steps=args.steps,
+            dataset=args.dataset, data_dir=args.data_dir, num_samples=args.num_samples,
+            batch_size=args.batch_size, base_width=args.base_width, depth=args.depth,
+            activation=args.activation, bias=args.bias, loss=args.loss,
+            momentum=args.momentum, output_weight_exponent=args.output_weight_exponent,
+            zero_readout=args.zero_readout,
+        )
+        result = sweep(
+            config, args.output, workers=args.workers, threads=args.threads,
+            metric=args.metric, plot=not args.no_plot,
+            log=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except LocalLearningError as error:
+        print(f"lightning-local sweep: {error}", file=sys.stderr)
+        return 2
+    print(result.table)
+    print(f"\n{result.executed} runs trained, {result.skipped} skipped (already finished); "
+          f"results in {result.results_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

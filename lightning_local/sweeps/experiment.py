@@ -1,0 +1,272 @@
+"""One experiment = a rule variant x a parametrization x a width x a learning rate x a seed.
+
+This module names the rule variants a sweep or a coordinate check compares, loads a data set
+into memory once per process, and wires a network, a rule and an optimizer for one run:
+
+    network at width M  ->  base shapes (muP)  ->  init rescale  ->  PC's gamma_L = gamma_L' m^{-g}
+                        ->  plain torch.optim with per-role lr  eta_l = eta' m^{-c_l}
+
+with ``m = M / M_base`` (spec section 3). At the base width SP and muP coincide.
+
+Rule variants (names used on the command line and in ``results.jsonl``):
+
+=============  =========================================================================
+``bp``         backpropagation
+``pc-si-fpa``  PC, one sequential inference sweep (SI), kappa = 1, FPA (= backprop exactly)
+``pc-si``      PC, one SI sweep, kappa = 1, without FPA
+``pc-sim``     PC, 8 simultaneous inference steps of size 0.2, without FPA
+``dtp``        difference target propagation, closed-form ridge feedback, beta = 0.5
+``tp``         target propagation, closed-form ridge feedback, beta = 0.5
+=============  =========================================================================
+
+A variant takes overrides of its rule's arguments after a colon, e.g.
+``pc-sim:inference_steps=16,inference_lr=0.1`` or ``dtp:beta=0.25``; values are read as JSON
+(``true``, ``0.1``, ``"tolerance"``) and fall back to plain strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_local.errors import DatasetNotFoundError, LocalLearningError
+from lightning_local.models import MLP
+from lightning_local.network import as_blocks
+from lightning_local.parametrization import (
+    MuP,
+    Parametrization,
+    get_parametrization,
+    set_base_shapes,
+)
+from lightning_local.rules.backprop import Backprop
+from lightning_local.rules.base import LocalRule
+from lightning_local.rules.predictive_coding import PredictiveCoding
+
+__all__ = [
+    "RULE_VARIANTS",
+    "DATASETS",
+    "RuleVariant",
+    "Experiment",
+    "parse_variant",
+    "make_parametrization",
+    "build_experiment",
+    "load_dataset",
+]
+
+_SI = dict(inference="sequential", inference_steps=1, inference_lr=1.0)
+RULE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bp": ("bp", {}),
+    "pc-si-fpa": ("pc", dict(_SI, fixed_prediction=True)),
+    "pc-si": ("pc", dict(_SI, fixed_prediction=False)),
+    "pc-sim": (
+        "pc",
+        dict(inference="simultaneous", inference_steps=8, inference_lr=0.2, fixed_prediction=False),
+    ),
+    "dtp": ("tp", dict(variant="dtp", beta=0.5, feedback_training="ridge")),
+    "tp": ("tp", dict(variant="tp", beta=0.5, feedback_training="ridge")),
+}
+"""``name -> (rule family, rule arguments)``; the family is the parametrization tables' key."""
+
+DATASETS = ("mnist1d", "fashion-mnist")
+
+
+@dataclass(frozen=True)
+class RuleVariant:
+    """A named rule with its arguments: ``family`` is ``"bp"``, ``"pc"`` or ``"tp"``."""
+
+    name: str
+    family: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self, loss: str = "mse") -> LocalRule:
+        """A fresh rule object with these arguments."""
+        kwargs = dict(self.kwargs)
+        try:
+            if self.family == "bp":
+                if kwargs:
+                    raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+                return Backprop(loss)
+            if self.family == "pc":
+                return PredictiveCoding(loss, **kwargs)
+            from lightning_local.rules.target_propagation import TargetPropagation
+
+            return TargetPropagation(loss, **kwargs)
+        except TypeError as error:
+            raise LocalLearningError(
+                f"rule variant {self.name!r}: {error}. Fix: override only arguments of the "
+                f"{self.family} rule, e.g. 'pc-sim:inference_steps=16'."
+            ) from None
+
+    def hparams(self, loss: str = "mse") -> dict[str, Any]:
+        """The rule's hyperparameters as plain values (part of a run's resume key)."""
+        return _plain(self.build(loss).hparams())
+
+
+def parse_variant(spec: str | RuleVariant) -> RuleVariant:
+    """A :class:`RuleVariant` from ``"name"`` or ``"name:key=value,key=value"``."""
+    if isinstance(spec, RuleVariant):
+        return spec
+    name, _, overrides = str(spec).strip().partition(":")
+    if name not in RULE_VARIANTS:
+        raise LocalLearningError(
+            f"unknown rule variant {name!r}. Fix: use one of {sorted(RULE_VARIANTS)}, "
+            "optionally with overrides such as 'pc-sim:inference_steps=16'."
+        )
+    family, defaults = RULE_VARIANTS[name]
+    kwargs = dict(defaults)
+    changed: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in overrides.split(","))):
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise LocalLearningError(
+                f"cannot read the override {item!r} of {spec!r}. Fix: write key=value, e.g. "
+                "'pc-sim:inference_steps=16,inference_lr=0.1'."
+            )
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text.strip()
+        changed[key.strip()] = value
+    kwargs.update(changed)
+    canonical = name + (
+        ":" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(changed.items()))
+        if changed
+        else ""
+    )
+    return RuleVariant(canonical, family, kwargs)
+
+
+def make_parametrization(
+    spec: str | Parametrization, output_weight_exponent: float = 0.0
+) -> Parametrization:
+    """``SP()`` for ``"sp"``; ``MuP(output_weight_exponent)`` for ``"mup"``; or ``spec``."""
+    if isinstance(spec, str) and spec.lower() == "mup":
+        return MuP(output_weight_exponent=output_weight_exponent)
+    return get_parametrization(spec)
+
+
+@dataclass
+class Experiment:
+    """A wired run: the network (TP: with its feedback maps), the rule and the optimizer."""
+
+    network: nn.Module
+    rule: LocalRule
+    optimizer: torch.optim.Optimizer
+    parametrization: Parametrization
+
+
+def build_experiment(
+    variant: str | RuleVariant,
+    parametrization: str | Parametrization,
+    width: int,
+    lr: float,
+    *,
+    in_features: int,
+    num_classes: int,
+    base_width: int = 64,
+    depth: int = 3,
+    activation: str = "tanh",
+    bias: bool = False,
+    loss: str = "mse",
+    output_weight_exponent: float = 0.0,
+    momentum: float = 0.0,
+    optimizer: str = "sgd",
+    zero_readout: bool = False,
+) -> Experiment:
+    """Build and wire one run at ``width`` (seed the generator first for a reproducible init).
+
+    The network is :class:`~lightning_local.models.MLP` (``depth`` weight layers, no biases by
+    default, as in the paper's probe); under muP its base shapes come from the same builder at
+    ``base_width``. PC's output weight becomes ``gamma_L = gamma_L' m^{-g}``.
+    ``zero_readout`` sets the readout's weights to 0 after the init (``mup``'s
+    ``readout_zero_init``): the output starts at 0 at every width, the muP limit's value.
+    """
+    variant = parse_variant(variant)
+    param = make_parametrization(parametrization, output_weight_exponent)
+    rule = variant.build(loss)
+    network: nn.Module = MLP(in_features, width, num_classes, depth, activation, bias=bias)
+    if variant.family == "tp":
+        network = rule.build_network(network)  # type: ignore[attr-defined]
+    if param.requires_base_shapes:
+        set_base_shapes(network, base_width)
+    param.initialize(network, rule, optimizer)
+    if zero_readout:
+        _zero_readout(network)
+    if isinstance(rule, PredictiveCoding):
+        rule.output_weight = param.output_weight(rule.output_weight, network, rule)
+    opt = param.build_optimizer(network, lr, rule=rule, optimizer=optimizer, momentum=momentum)
+    return Experiment(network, rule, opt, param)
+
+
+@torch.no_grad()
+def _zero_readout(network: nn.Module) -> None:
+    linears = [m for m in as_blocks(network)[-1].modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise LocalLearningError(
+            "zero_readout needs a readout block with an nn.Linear. Fix: zero_readout=False."
+        )
+    linears[-1].weight.zero_()
+
+
+_DATA_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def load_dataset(
+    name: str = "mnist1d",
+    data_dir: str | os.PathLike[str] | None = None,
+    num_samples: int = 5000,
+    data_seed: int = 42,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, y_train, x_test, y_test)`` in memory, inputs standardized per coordinate
+    with the training statistics (cached per process).
+
+    ``"mnist1d"`` is generated locally (``num_samples`` signals, 80 % train); ``"fashion-mnist"``
+    is read from ``data_dir`` and flattened to 784-vectors.
+
+    Raises:
+        DatasetNotFoundError: FashionMNIST's files are not in ``data_dir``.
+    """
+    key = (name, None if data_dir is None else os.fspath(data_dir), num_samples, data_seed)
+    if key in _DATA_CACHE:
+        return _DATA_CACHE[key]
+    from lightning_local.data import FashionMNISTDataModule, MNIST1DDataModule
+
+    if name == "mnist1d":
+        module = MNIST1DDataModule(
+            data_dir, seed=data_seed, num_samples=num_samples, val_fraction=0.0
+        )
+    elif name in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+        module = FashionMNISTDataModule(data_dir, seed=data_seed, val_fraction=0.0, flatten=True)
+    else:
+        raise LocalLearningError(f"unknown data set {name!r}. Fix: use one of {DATASETS}.")
+    module.prepare_data()
+    module.setup("fit")
+    (x_train, y_train), (x_test, y_test) = module.train_set.tensors, module.test_set.tensors
+    _DATA_CACHE[key] = (x_train, y_train, x_test, y_test)
+    return _DATA_CACHE[key]
+
+
+def dataset_available(name: str, data_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether :func:`load_dataset` can read ``name`` (MNIST-1D always can)."""
+    try:
+        load_dataset(name, data_dir)
+    except DatasetNotFoundError:
+        return False
+    return True
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy: tuples to lists, other objects to their ``repr``."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)

@@ -1,0 +1,297 @@
+"""Bookkeeping of a sweep: run keys, the ``results.jsonl`` file, and the best-lr tables.
+
+``results.jsonl`` holds one JSON object per finished run (schema: :data:`RECORD_FIELDS`, plus
+extra fields). Each run has a *key*, a hash of everything that defines it (rule variant and its
+hyperparameters, parametrization, width, lr, seed, budget, data set, model, batch size), so a
+rerun of the same sweep skips the runs whose key is already in the file.
+
+Lines are appended one at a time (``O_APPEND``, flushed and ``fsync``-ed); a run interrupted
+while writing leaves at most a truncated last line, which :func:`read_results` ignores and
+:func:`repair_results` cuts off before the next append.
+
+The *best lr* of a (rule, parametrization, width) is the grid lr with the best metric, averaged
+over seeds: the lowest final ``train_loss`` (default) or the highest ``test_acc``; a diverged
+run counts as infinitely bad, and a lr where any seed diverged counts as diverged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning_local.errors import LocalLearningError
+
+__all__ = [
+    "RECORD_FIELDS",
+    "METRICS",
+    "run_key",
+    "read_results",
+    "repair_results",
+    "append_result",
+    "BestLR",
+    "best_learning_rates",
+    "format_best_lr_table",
+    "format_wider_is_better_table",
+    "shift_in_grid_steps",
+]
+
+RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "key": str,
+    "rule": str,
+    "parametrization": str,
+    "width": int,
+    "lr": float,
+    "seed": int,
+    "train_loss": (float, type(None)),
+    "test_loss": (float, type(None)),
+    "test_acc": (float, type(None)),
+    "diverged": bool,
+    "seconds": float,
+}
+"""Fields every record has, with their JSON types (``None`` for a diverged run's metrics)."""
+
+METRICS = {"train_loss": "min", "test_loss": "min", "test_acc": "max", "train_acc": "max"}
+"""Metrics a best lr can be chosen by, and whether lower or higher is better."""
+
+
+def run_key(spec: Mapping[str, Any]) -> str:
+    """A stable hash (hex) of a run's defining settings (any JSON-serializable mapping)."""
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a ``results.jsonl`` file (``[]`` when it does not exist).
+
+    Lines that are not complete JSON objects (a truncated last line from an interrupted run)
+    are skipped with a warning.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    if bad:
+        warnings.warn(
+            f"{path}: skipped {bad} unreadable line(s) (an interrupted write); those runs "
+            "will be run again.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return records
+
+
+def repair_results(path: str | os.PathLike[str]) -> None:
+    """Cut a truncated last line off ``path`` so the next append starts on a fresh line."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1  # 0 when the only line is truncated
+    with open(path, "r+b") as file:
+        file.truncate(keep)
+        file.flush()
+        os.fsync(file.fileno())
+    warnings.warn(
+        f"{path}: cut off a truncated last line (an interrupted write); that run will be run "
+        "again.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def append_result(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    """Append one record as one line, flushed to disk (strict JSON: no NaN or infinity)."""
+    line = json.dumps(_finite(record), sort_keys=False, allow_nan=False) + "\n"
+    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class BestLR:
+    """The best grid lr of one (rule, parametrization, width), with the score behind it.
+
+    ``lr`` is ``None`` when every lr diverged; ``at_edge`` says the best lr is the smallest or
+    largest of the grid (the true optimum may lie outside); ``scores`` maps each lr to the
+    seed-mean metric (``inf``/``-inf`` for diverged).
+    """
+
+    rule: str
+    parametrization: str
+    width: int
+    lr: float | None
+    score: float
+    at_edge: bool
+    scores: dict[float, float]
+
+    @property
+    def log2_lr(self) -> float | None:
+        return None if self.lr is None else math.log2(self.lr)
+
+
+def _score(records: Sequence[Mapping[str, Any]], metric: str) -> float:
+    worst = math.inf if METRICS[metric] == "min" else -math.inf
+    values = []
+    for record in records:
+        value = record.get(metric)
+        if record.get("diverged") or value is None or not math.isfinite(value):
+            return worst
+        values.append(float(value))
+    return sum(values) / len(values)
+
+
+def best_learning_rates(
+    records: Iterable[Mapping[str, Any]], metric: str = "train_loss"
+) -> list[BestLR]:
+    """The best lr per (rule, parametrization, width), sorted by those keys.
+
+    Raises:
+        LocalLearningError: for a metric other than those in :data:`METRICS`.
+    """
+    if metric not in METRICS:
+        raise LocalLearningError(f"unknown metric {metric!r}. Fix: use one of {sorted(METRICS)}.")
+    groups: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        key = (record["rule"], record["parametrization"], int(record["width"]))
+        groups[key][float(record["lr"])].append(record)
+    sign = 1.0 if METRICS[metric] == "min" else -1.0
+    best = []
+    for (rule, param, width), by_lr in sorted(groups.items()):
+        scores = {lr: _score(runs, metric) for lr, runs in sorted(by_lr.items())}
+        finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
+        if not finite:
+            best.append(BestLR(rule, param, width, None, sign * math.inf, False, scores))
+            continue
+        lr = min(finite, key=lambda v: (sign * finite[v], v))
+        lrs = sorted(scores)
+        best.append(BestLR(rule, param, width, lr, finite[lr], lr in (lrs[0], lrs[-1]), scores))
+    return best
+
+
+def _groups(best: Sequence[BestLR]) -> tuple[list[tuple[str, str]], list[int]]:
+    pairs = list(dict.fromkeys((b.rule, b.parametrization) for b in best))
+    widths = sorted({b.width for b in best})
+    return pairs, widths
+
+
+def shift_in_grid_steps(best: Sequence[BestLR]) -> float | None:
+    """``max - min`` of ``log2(best lr)`` across widths (``None`` if any width diverged
+    everywhere)."""
+    logs = [b.log2_lr for b in best]
+    if not logs or any(v is None for v in logs):
+        return None
+    return max(logs) - min(logs)  # type: ignore[type-var]
+
+
+def format_best_lr_table(best: Sequence[BestLR], metric: str = "train_loss") -> str:
+    """A markdown table: ``log2`` of the best lr per width, and its shift across widths.
+
+    A best lr at the edge of the grid is starred; ``div`` marks a width where every lr
+    diverged; ``shift`` is ``max - min`` of the ``log2`` best lr in grid steps of a factor 2.
+    """
+    pairs, widths = _groups(best)
+    index = {(b.rule, b.parametrization, b.width): b for b in best}
+    header = "| rule | param | " + " | ".join(str(w) for w in widths) + " | shift |"
+    lines = [
+        f"Best lr (log2) by {metric}; * = at the edge of the grid",
+        "",
+        header,
+        "|" + "---|" * (len(widths) + 3),
+    ]
+    for rule, param in pairs:
+        cells, row = [], []
+        for width in widths:
+            entry = index.get((rule, param, width))
+            row.append(entry)
+            if entry is None:
+                cells.append("")
+            elif entry.lr is None:
+                cells.append("div")
+            else:
+                cells.append(f"{entry.log2_lr:g}{'*' if entry.at_edge else ''}")
+        present = [b for b in row if b is not None]
+        shift = shift_in_grid_steps(present)
+        lines.append(
+            f"| {rule} | {param} | " + " | ".join(cells)
+            + f" | {'div' if shift is None else f'{shift:g}'} |"
+        )
+    return "\n".join(lines)
+
+
+def format_wider_is_better_table(
+    best: Sequence[BestLR], metric: str = "train_loss", reference: str = "narrowest"
+) -> str:
+    """A markdown table of ``metric`` per width at one fixed lr per (rule, parametrization).
+
+    The fixed lr is the best lr at the narrowest width (``reference="narrowest"``: the lr one
+    would tune on a small net and transfer), or the one with the best mean score over widths
+    (``"mean"``). ``div`` marks a diverged width.
+    """
+    pairs, widths = _groups(best)
+    index = {(b.rule, b.parametrization, b.width): b for b in best}
+    sign = 1.0 if METRICS[metric] == "min" else -1.0
+    lines = [
+        f"{metric} per width at a fixed lr (log2 lr in the second column)",
+        "",
+        "| rule | param | lr | " + " | ".join(str(w) for w in widths) + " |",
+        "|" + "---|" * (len(widths) + 3),
+    ]
+    for rule, param in pairs:
+        row = [index.get((rule, param, w)) for w in widths]
+        present = [b for b in row if b is not None]
+        if reference == "narrowest":
+            fixed = present[0].lr
+        else:
+            common = set.intersection(*(set(b.scores) for b in present))
+            fixed = min(
+                common, key=lambda lr: sum(sign * b.scores[lr] for b in present), default=None
+            )
+        if fixed is None:
+            lines.append(f"| {rule} | {param} | div | " + " | ".join("" for _ in widths) + " |")
+            continue
+        cells = []
+        for b in row:
+            value = None if b is None else b.scores.get(fixed)
+            if value is None:
+                cells.append("")
+            elif not math.isfinite(value):
+                cells.append("div")
+            else:
+                cells.append(f"{value:.4g}")
+        lines.append(f"| {rule} | {param} | {math.log2(fixed):g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

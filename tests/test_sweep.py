@@ -1,0 +1,244 @@
+"""The width x lr sweep: record schema, resume, divergence, best-lr tables, processes, CLI.
+
+References: records read back from disk against the run grid; a resumed or parallel sweep
+against a fresh sequential one; best lrs against hand-made scores; muP at the base width
+against SP (they must coincide).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lightning_local.errors import LocalLearningError
+from lightning_local.sweeps import (
+    SweepConfig,
+    best_learning_rates,
+    build_experiment,
+    format_best_lr_table,
+    format_wider_is_better_table,
+    log2_grid,
+    parse_variant,
+    read_results,
+    sweep,
+)
+from lightning_local.sweeps.cli import main as sweep_main
+from lightning_local.sweeps.results import RECORD_FIELDS, append_result, repair_results
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    """One MNIST-1D cache (200 signals) for the whole file."""
+    return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def tmp_path(tmp_path, data_dir):
+    tmp_path.joinpath("data").symlink_to(data_dir)
+    return tmp_path
+
+
+def _config(tmp_path, **overrides) -> SweepConfig:
+    settings = dict(
+        rules=["bp"], parametrizations=["sp", "mup"], widths=[8, 16], lrs=[0.05, 0.1],
+        seeds=[0], steps=3, num_samples=200, batch_size=32, base_width=8,
+        data_dir=str(tmp_path / "data"),
+    )
+    settings.update(overrides)
+    return SweepConfig(**settings)
+
+
+def test_records_follow_the_schema_and_cover_the_grid(tmp_path):
+    config = _config(tmp_path, rules=["bp", "pc-si", "dtp"])
+    result = sweep(config, tmp_path / "out", log=None)
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # strict JSON, one object per line
+    assert len(records) == 3 * 2 * 2 * 2 == result.executed
+    for record in records:
+        for name, kind in RECORD_FIELDS.items():
+            assert isinstance(record[name], kind), (name, record[name])
+        assert record["diverged"] is False
+        assert 0.0 <= record["test_acc"] <= 1.0 and record["train_loss"] > 0
+        assert record["steps_done"] == 3
+    grid = {(r["rule"], r["parametrization"], r["width"], r["lr"]) for r in records}
+    assert grid == {
+        (rule, param, width, lr)
+        for rule in ("bp", "pc-si", "dtp") for param in ("sp", "mup")
+        for width in (8, 16) for lr in (0.05, 0.1)
+    }
+    assert result.plot_path.exists() and result.plot_path.stat().st_size > 1000
+    assert "| dtp | mup |" in result.table and "shift" in result.table
+
+
+def test_rerun_skips_finished_runs_and_runs_only_new_ones(tmp_path):
+    first = sweep(_config(tmp_path), tmp_path / "out", plot=False, log=None)
+    again = sweep(_config(tmp_path), tmp_path / "out", plot=False, log=None)
+    assert (first.executed, first.skipped) == (8, 0)
+    assert (again.executed, again.skipped) == (0, 8)
+    assert [r["key"] for r in again.records] == [r["key"] for r in first.records]
+    more = sweep(_config(tmp_path, lrs=[0.05, 0.1, 0.2]), tmp_path / "out", plot=False, log=None)
+    assert (more.executed, more.skipped) == (4, 8)
+    # another budget is another run: nothing is skipped
+    longer = sweep(_config(tmp_path, steps=4), tmp_path / "out", plot=False, log=None)
+    assert longer.executed == 8
+    assert len(read_results(tmp_path / "out" / "results.jsonl")) == 20
+
+
+def test_a_truncated_last_line_is_ignored_and_that_run_repeated(tmp_path):
+    sweep(_config(tmp_path), tmp_path / "out", plot=False, log=None)
+    path = tmp_path / "out" / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    with pytest.warns(RuntimeWarning, match="truncated"):
+        resumed = sweep(_config(tmp_path), tmp_path / "out", plot=False, log=None)
+    assert (resumed.executed, resumed.skipped) == (1, 7)
+    rewritten = path.read_text().splitlines()
+    assert len(rewritten) == 8 and all(json.loads(line) for line in rewritten)
+
+
+def test_repair_and_append_keep_one_object_per_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_result(path, {"a": 1, "loss": float("nan")})
+    with open(path, "a") as file:
+        file.write('{"a": 2, "lo')
+    with pytest.warns(RuntimeWarning, match="truncated"):
+        repair_results(path)
+    append_result(path, {"a": 3})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"a": 1, "loss": None}, {"a": 3},
+    ]
+
+
+@pytest.mark.parametrize(
+    "huge, divergence_factor, reason", [(100.0, 100.0, "exceeds"), (1e30, math.inf, "non-finite")]
+)
+def test_diverging_runs_are_recorded_and_the_sweep_goes_on(
+    tmp_path, huge, divergence_factor, reason
+):
+    config = _config(tmp_path, parametrizations=["sp"], widths=[16], lrs=[0.05, huge, 0.1],
+                     steps=6, divergence_factor=divergence_factor)
+    result = sweep(config, tmp_path / "out", plot=False, log=None)
+    by_lr = {r["lr"]: r for r in result.records}
+    assert len(by_lr) == 3
+    bad = by_lr[huge]
+    assert bad["diverged"] is True and reason in bad["diverged_reason"]
+    assert bad["train_loss"] is None and bad["test_acc"] is None
+    assert not by_lr[0.05]["diverged"] and not by_lr[0.1]["diverged"]
+    best = best_learning_rates(result.records)
+    assert best[0].lr in (0.05, 0.1) and best[0].scores[huge] == math.inf
+
+
+def _record(rule, param, width, lr, loss, seed=0, acc=None):
+    diverged = loss is None
+    return dict(rule=rule, parametrization=param, width=width, lr=lr, seed=seed,
+                train_loss=loss, test_loss=loss, test_acc=acc, diverged=diverged)
+
+
+def test_best_lr_table_from_synthetic_results():
+    losses = {  # width -> loss per log2 lr -3 .. 0; None = diverged
+        64: [0.5, 0.2, 0.3, None],
+        128: [0.5, 0.3, 0.1, None],
+        256: [0.4, 0.35, 0.3, 0.05],  # best at the grid's edge
+    }
+    records = [
+        _record("bp", "mup", width, 2.0**e, loss)
+        for width, row in losses.items() for e, loss in zip(range(-3, 1), row)
+    ]
+    best = best_learning_rates(records)
+    assert [b.log2_lr for b in best] == [-2, -1, 0]
+    assert [b.at_edge for b in best] == [False, False, True]
+    assert best[0].scores[1.0] == math.inf
+    table = format_best_lr_table(best)
+    assert "| bp | mup | -2 | -1 | 0* | 2 |" in table
+    wider = format_wider_is_better_table(best)  # at the narrowest's best lr 2^-2
+    assert "| bp | mup | -2 | 0.2 | 0.3 | 0.35 |" in wider
+
+
+def test_best_lr_averages_seeds_and_a_diverged_seed_spoils_its_lr():
+    records = [
+        _record("pc", "sp", 64, 0.25, 0.1, seed=0), _record("pc", "sp", 64, 0.25, None, seed=1),
+        _record("pc", "sp", 64, 0.125, 0.3, seed=0), _record("pc", "sp", 64, 0.125, 0.1, seed=1),
+        _record("pc", "sp", 64, 0.0625, 0.25, seed=0), _record("pc", "sp", 64, 0.0625, 0.25, 1),
+    ]
+    (best,) = best_learning_rates(records)
+    assert best.lr == 0.125 and best.score == pytest.approx(0.2)
+    acc = [_record("pc", "sp", 64, lr, 0.1, acc=a) for lr, a in [(0.1, 0.5), (0.2, 0.7)]]
+    assert best_learning_rates(acc, metric="test_acc")[0].lr == 0.2
+    with pytest.raises(LocalLearningError, match="metric"):
+        best_learning_rates(records, metric="speed")
+
+
+def test_every_lr_diverged_reads_div():
+    records = [_record("bp", "sp", 64, lr, None) for lr in (0.5, 1.0)]
+    records += [_record("bp", "sp", 128, lr, 0.3) for lr in (0.5, 1.0)]
+    best = best_learning_rates(records)
+    assert best[0].lr is None
+    assert "| bp | sp | div | -1* | div |" in format_best_lr_table(best)
+
+
+@pytest.mark.slow  # spawning two workers that import torch takes tens of seconds on 2 cores
+def test_parallel_workers_give_the_same_records_as_one_process(tmp_path):
+    config = _config(tmp_path, parametrizations=["mup"])
+    sequential = sweep(config, tmp_path / "one", plot=False, log=None, threads=1)
+    parallel = sweep(config, tmp_path / "two", workers=2, plot=False, log=None)
+    assert parallel.executed == 4
+
+    def losses(result):
+        return sorted((r["key"], r["train_loss"], r["test_acc"]) for r in result.records)
+
+    assert losses(parallel) == losses(sequential)
+
+
+def test_mup_at_the_base_width_is_sp():
+    runs = {}
+    for param in ("sp", "mup"):
+        torch.manual_seed(3)
+        runs[param] = build_experiment("pc-si", param, 32, 0.1, in_features=5, num_classes=3,
+                                       base_width=32)
+    sp, mup = runs["sp"], runs["mup"]
+    for a, b in zip(sp.network.parameters(), mup.network.parameters()):
+        assert torch.equal(a, b)
+    assert {g["lr"] for g in mup.optimizer.param_groups} == {0.1}
+    assert mup.rule.output_weight == sp.rule.output_weight == 1.0
+
+
+def test_variant_names_and_overrides():
+    variant = parse_variant("pc-sim:inference_steps=3,fixed_prediction=true")
+    assert variant.family == "pc"
+    rule = variant.build()
+    assert (rule.inference, rule.inference_steps, rule.inference_lr) == ("simultaneous", 3, 0.2)
+    assert rule.fixed_prediction is True
+    assert variant.name == "pc-sim:fixed_prediction=true,inference_steps=3"
+    assert parse_variant("dtp").build().variant == "dtp"
+    with pytest.raises(LocalLearningError, match="unknown rule variant"):
+        parse_variant("pc-fast")
+    with pytest.raises(LocalLearningError, match="override"):
+        parse_variant("pc-sim:warp=2").build()
+    with pytest.raises(LocalLearningError, match="key=value"):
+        parse_variant("pc-sim:steps")
+
+
+def test_config_and_grid_errors():
+    assert log2_grid(-2, 1) == [0.25, 0.5, 1.0, 2.0]
+    assert log2_grid(-1, 0, 0.5) == pytest.approx([0.5, 2**-0.5, 1.0])
+    with pytest.raises(LocalLearningError):
+        log2_grid(1, -1)
+    with pytest.raises(LocalLearningError, match="empty"):
+        SweepConfig(widths=[])
+    with pytest.raises(LocalLearningError, match="positive"):
+        SweepConfig(lrs=[0.0])
+
+
+def test_command_line(tmp_path, capsys):
+    args = ["--rules", "bp", "--widths", "8", "16", "--log2-lr", "-4", "-3", "--steps", "2",
+            "--num-samples", "200", "--batch-size", "32", "--base-width", "8",
+            "--data-dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--quiet"]
+    assert sweep_main(args) == 0
+    out = capsys.readouterr().out
+    assert "| bp | mup |" in out and "| bp | sp |" in out
+    assert len(read_results(tmp_path / "out" / "results.jsonl")) == 8
+    assert (tmp_path / "out" / "transfer.png").exists()
+    assert sweep_main([*args[:2], "--rules", "nope", "--output", str(tmp_path / "x")]) == 2
