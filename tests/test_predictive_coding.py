@@ -230,3 +230,17 @@ def test_step_without_trainer_lowers_the_loss():
     for _ in range(50):
         last = rule.step(net, x, y, optimizer).loss
     assert last < 0.7 * first
+
+
+def test_tolerance_does_not_take_an_energy_rise_for_convergence():
+    torch.manual_seed(10)
+    net = MLP(in_features=6, width=8, num_classes=3, depth=3, activation="identity").double()
+    x, y = _batch()
+    rule = PredictiveCoding(
+        inference="tolerance", inference_steps=12, inference_lr=1.9, tolerance=1e-6
+    )
+    with pytest.warns(RuntimeWarning, match="raised the energy"):
+        result = rule.infer(net, x, y)
+    trace = result.energy_trace
+    assert any(b > a for a, b in zip(trace, trace[1:]))
+    assert result.steps == 12  # did not stop at the first rise

@@ -19,6 +19,7 @@ from the feedforward values (F-ini: every hidden error starts at 0). Schedules:
 - ``"simultaneous"``: ``inference_steps`` gradient steps on all layers at once;
 - ``"tolerance"``: simultaneous steps until the relative energy decrease
   ``(F_{t-1} - F_t) / |F_{t-1}|`` falls under ``tolerance``, ``inference_steps`` as the cap.
+  A step that raises the energy is not convergence: inference goes on and warns once.
 
 Weight update (batch mean): ``Delta W_l = -eta_l dF/dW_l / B``, i.e. for hidden blocks
 ``(gamma_l / B) (d mu_l / d W_l)^T eps_l`` and for the readout
@@ -26,12 +27,18 @@ Weight update (batch mean): ``Delta W_l = -eta_l dF/dW_l / B``, i.e. for hidden 
 (FPA) the predictions and their inputs are the feedforward ones (``mu_l = f_l(h_{l-1})``);
 without it they are recomputed at the post-inference states (``mu_l = f_l(x_{l-1})``).
 
+FPA, as the spec defines it, changes the weight update only: inference always descends the
+energy above (live predictions). With one SI sweep this is exact backprop; with several steps or
+inference to convergence the error ``x_l - h_l`` used under FPA also carries the state moves
+of the layers below, so the usual choice there is ``fixed_prediction=False``.
+
 Exactness identity: F-ini + one SI sweep + FPA with ``kappa_l = gamma_l = 1`` gives
 ``eps_l = -gamma_L dL/dh_l`` and so a weight update equal to ``gamma_L`` times backprop's.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -137,6 +144,7 @@ class PredictiveCoding(LocalRule):
         self.hidden_weights = hidden_weights
         self.tolerance = float(tolerance)
         self.fast_path = bool(fast_path)
+        self._warned_energy_rise = False
 
     def hparams(self) -> dict[str, object]:
         return {
@@ -253,13 +261,26 @@ class PredictiveCoding(LocalRule):
                     current = float(self._energy_terms(blocks, states, targets).sum())
                     trace.append(current)
                     decrease = previous - current
-                    if decrease <= self.tolerance * max(abs(previous), 1e-30):
+                    if decrease < 0:  # a rise is instability, never convergence
+                        self._warn_energy_rise(step, previous, current)
+                    elif decrease <= self.tolerance * max(abs(previous), 1e-30):
                         break
                     previous = current
         energy_terms = self._energy_terms(blocks, states, targets)
         return InferenceResult(
             states, feedforward, energy_before, energy_terms.sum(), steps, trace, energy_terms
         )
+
+    def _warn_energy_rise(self, step: int, previous: float, current: float) -> None:
+        if not self._warned_energy_rise:
+            self._warned_energy_rise = True
+            warnings.warn(
+                f"predictive-coding inference raised the energy at step {step} "
+                f"({previous:.6g} -> {current:.6g}): the state step size is too large for this "
+                "network. Fix: lower inference_lr (kappa) or use state_momentum=0.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _linearize_all(
         self, blocks: Sequence[nn.Module], states: list[Tensor], extend: bool = False
