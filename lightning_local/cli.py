@@ -54,6 +54,14 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "lightning_local.quickstart:main",
         "train a muP predictive-coding MLP on MNIST-1D on the CPU and report its test accuracy",
     ),
+    "sweep": Subcommand(
+        "lightning_local.sweeps.cli:main",
+        "width x learning-rate sweep: results.jsonl, transfer.png, best lr per width (resumes)",
+    ),
+    "coord-check": Subcommand(
+        "lightning_local.coord_check:main",
+        "per-layer rms sizes across widths after k steps, their slopes, JSON and plots",
+    ),
 }
 """Non-Lightning subcommands: name -> :class:`Subcommand`. Each target takes the remaining
 arguments (a list of strings) and returns an exit code (``None`` means 0)."""

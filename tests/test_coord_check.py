@@ -18,13 +18,13 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_local import cli
 from lightning_local.callbacks.coord_check import CoordCheckCallback
 from lightning_local.coord_check import (
     CoordCheckResult,
     coord_check,
     fit_slope,
     forward_rms,
-    main,
     pc_rms,
     snapshot,
     tp_rms,
@@ -236,11 +236,13 @@ def test_callback_values_match_a_forward_pass():
 
 
 def test_command_line(data_dir, tmp_path, capsys):
-    code = main(["--rules", "bp", "--widths", "8", "16", "--steps", "1", "--batch-size", "16",
-                 "--num-samples", "200", "--data-dir", data_dir, "--output", str(tmp_path)])
+    code = cli.main([
+        "coord-check", "--rules", "bp", "--widths", "8", "16", "--steps", "1", "--batch-size",
+        "16", "--num-samples", "200", "--data-dir", data_dir, "--output", str(tmp_path),
+    ])
     assert code == 0
     assert "| bp | mup | weight_update |" in capsys.readouterr().out
     saved = json.loads((tmp_path / "coord_check.json").read_text())
     assert set(saved) == {"records", "slopes", "settings"}
     assert (tmp_path / "coord_check_bp.png").exists()
-    assert main(["--rules", "nope", "--output", str(tmp_path)]) == 2
+    assert cli.main(["coord-check", "--rules", "nope", "--output", str(tmp_path)]) == 2

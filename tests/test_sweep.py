@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from lightning_local import cli
 from lightning_local.errors import LocalLearningError
 from lightning_local.sweeps import (
     SweepConfig,
@@ -25,7 +26,6 @@ from lightning_local.sweeps import (
     read_results,
     sweep,
 )
-from lightning_local.sweeps.cli import main as sweep_main
 from lightning_local.sweeps.results import RECORD_FIELDS, append_result, repair_results
 
 
@@ -236,9 +236,9 @@ def test_command_line(tmp_path, capsys):
     args = ["--rules", "bp", "--widths", "8", "16", "--log2-lr", "-4", "-3", "--steps", "2",
             "--num-samples", "200", "--batch-size", "32", "--base-width", "8",
             "--data-dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--quiet"]
-    assert sweep_main(args) == 0
+    assert cli.main(["sweep", *args]) == 0  # through the lightning-local dispatcher
     out = capsys.readouterr().out
     assert "| bp | mup |" in out and "| bp | sp |" in out
     assert len(read_results(tmp_path / "out" / "results.jsonl")) == 8
     assert (tmp_path / "out" / "transfer.png").exists()
-    assert sweep_main([*args[:2], "--rules", "nope", "--output", str(tmp_path / "x")]) == 2
+    assert cli.main(["sweep", "--rules", "nope", "--output", str(tmp_path / "x")]) == 2
