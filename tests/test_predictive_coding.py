@@ -190,6 +190,15 @@ def test_metrics_and_result_fields():
     torch.testing.assert_close(
         result.metrics["energy_per_layer"].sum(), result.metrics["energy_after"]
     )
+    inference = PredictiveCoding(
+        inference="simultaneous", inference_steps=4, inference_lr=0.1
+    ).infer(net, x, y)
+    blocks = list(net)
+    for l in (1, 2):
+        eps = inference.states[l] - blocks[l - 1](inference.states[l - 1])
+        torch.testing.assert_close(
+            result.metrics["error_rms"][l - 1], eps.detach().pow(2).mean().sqrt()
+        )
     reference = Backprop().training_loss(net, x, y).loss
     torch.testing.assert_close(result.loss, reference)
 
