@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = dict(
     parametrization="mup",
     width=512,
     depth=3,
-    epochs=20,
+    epochs=30,
     batch_size=128,
     lr=0.1,
     momentum=0.9,
@@ -52,11 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--rule", choices=("pc", "bp"), default=DEFAULTS["rule"],
         help="predictive coding or backprop")
-    add("--parametrization", choices=("mup", "sp"), default=DEFAULTS["parametrization"])
+    add("--parametrization", choices=("mup", "sp"), default=DEFAULTS["parametrization"],
+        help="muP (base width 64) or the standard parametrization")
     add("--width", type=int, default=DEFAULTS["width"], help="hidden width M")
     add("--depth", type=int, default=DEFAULTS["depth"], help="number of weight layers")
-    add("--epochs", type=int, default=DEFAULTS["epochs"])
-    add("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    add("--epochs", type=int, default=DEFAULTS["epochs"], help="training epochs")
+    add("--batch-size", type=int, default=DEFAULTS["batch_size"], help="batch size")
     add("--lr", type=float, default=DEFAULTS["lr"],
         help="width-independent SGD learning rate eta'")
     add("--momentum", type=float, default=DEFAULTS["momentum"], help="SGD momentum")
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="PC state step size kappa")
     add("--no-fpa", action="store_true",
         help="PC without the fixed prediction assumption")
-    add("--seed", type=int, default=DEFAULTS["seed"])
+    add("--seed", type=int, default=DEFAULTS["seed"], help="seed of the initialization")
     add("--threads", type=int, default=DEFAULTS["threads"],
         help="torch intra-op threads (the matrices are small: more threads mostly add "
              "synchronization, and stall badly on a busy machine)")
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="data folder (default: $LIGHTNING_LOCAL_DATA, else ./data)")
     add("--num-samples", type=int, default=5000, help="MNIST-1D size (train + test)")
     add("--wandb", action="store_true", help="log with wandb in offline mode instead of CSV")
-    add("--progress-bar", action=argparse.BooleanOptionalAction, default=True)
+    add("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
+        help="show Lightning's progress bar")
     return parser
 
 
