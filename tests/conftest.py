@@ -7,3 +7,8 @@ import os
 # Never reach the network from tests: wandb stays disabled unless a test opts into offline mode.
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("WANDB_SILENT", "true")
+
+import torch  # noqa: E402
+
+# Tiny test networks run fastest on one thread, and a busy machine makes more threads far slower.
+torch.set_num_threads(1)
