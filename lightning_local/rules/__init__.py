@@ -3,6 +3,7 @@
 from lightning_local.rules.backprop import Backprop
 from lightning_local.rules.base import LocalRule, StepResult, local_loss
 from lightning_local.rules.predictive_coding import InferenceResult, PredictiveCoding
+from lightning_local.rules.target_propagation import TargetPropagation, TPNetwork
 
 __all__ = [
     "Backprop",
@@ -10,5 +11,7 @@ __all__ = [
     "LocalRule",
     "PredictiveCoding",
     "StepResult",
+    "TPNetwork",
+    "TargetPropagation",
     "local_loss",
 ]
