@@ -25,15 +25,26 @@ from lightning_local.modules import BackpropModule, PredictiveCodingModule
 
 RULES: dict[str, dict[str, Any]] = {
     "bp": {},
-    "pc": {"inference": "simultaneous", "inference_steps": 8, "inference_lr": 0.2},
+    # T = 8 simultaneous inference steps of size 0.2 from the feedforward states; the weight
+    # update uses the feedforward predictions (FPA)
+    "pc": {
+        "inference": "simultaneous",
+        "inference_steps": 8,
+        "inference_lr": 0.2,
+        "fixed_prediction": True,
+    },
 }
 
 
 def train(rule: str, args: argparse.Namespace) -> dict[str, Any]:
     """Fit one rule and test it; returns its test accuracy, loss and wall time."""
     L.seed_everything(args.seed, verbose=False)
+    # no model selection here, so the whole training split trains (val_fraction=0)
     data = MNIST1DDataModule(
-        data_dir=args.data_dir, batch_size=args.batch_size, num_samples=args.num_samples
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        num_samples=args.num_samples,
+        val_fraction=0.0,
     )
     network = MLP(
         in_features=data.in_features,
@@ -54,6 +65,7 @@ def train(rule: str, args: argparse.Namespace) -> dict[str, Any]:
     )
     trainer = L.Trainer(
         max_epochs=args.epochs,
+        limit_val_batches=0,
         accelerator="cpu",
         devices=1,
         logger=False,
