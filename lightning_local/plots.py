@@ -41,7 +41,8 @@ def plot_transfer(
     best = best_learning_rates(records, metric)
     rules = list(dict.fromkeys(b.rule for b in best))
     params = list(dict.fromkeys(b.parametrization for b in best))
-    colors = _width_colors(sorted({b.width for b in best}))
+    widths = sorted({b.width for b in best})
+    colors = _width_colors(widths)
     lower_is_better = METRICS[metric] == "min"
     figure = Figure(figsize=(4.2 * len(params), 3.0 * len(rules) + 0.4))
     axes = figure.subplots(len(rules), len(params), squeeze=False)
@@ -58,14 +59,15 @@ def plot_transfer(
                 color = colors[entry.width]
                 ax.plot(xs, ys, "o-", ms=3, lw=1.2, color=color, label=f"M={entry.width}")
                 crossed = [math.log2(lr) for lr in lrs if not math.isfinite(entry.scores[lr])]
-                ax.plot(crossed, [0.97] * len(crossed), "x", color=color, ms=5, transform=top)
+                height = 0.97 - 0.035 * widths.index(entry.width)  # one row of crosses per width
+                ax.plot(crossed, [height] * len(crossed), "x", color=color, ms=5, transform=top)
                 if entry.lr is not None:
                     ax.plot([math.log2(entry.lr)], [entry.score], "*", ms=13, color=color,
                             mec="black", mew=0.8, zorder=5)
             if finite_values and lower_is_better and min(finite_values) > 0:
-                ax.set_yscale("log")
-                low = min(finite_values)
-                ax.set_ylim(low / 1.3, min(max(finite_values), 30 * low) * 1.3)
+                low = min(finite_values)  # losses far above the best are cut off the panel
+                high = min(max(finite_values), 2.5 * low)
+                ax.set_ylim(low - 0.05 * (high - low), high + 0.12 * (high - low))
             ax.set_title(f"{rule} / {param}", fontsize=10)
             ax.set_xlabel("log2 lr")
             ax.set_ylabel(metric)
@@ -74,7 +76,8 @@ def plot_transfer(
                 ax.legend(fontsize=7, loc="best")
     if title:
         figure.suptitle(title)
-    figure.text(0.01, 0.005, "star: best lr per width; x: diverged", fontsize=7)
+    figure.text(0.01, 0.005, "star: best lr per width; x (top of a panel): diverged; losses "
+                "above 2.5x the panel's best are cut off", fontsize=7)
     figure.tight_layout(rect=(0, 0.015, 1, 1))
     path = Path(path)
     figure.savefig(path, dpi=100)
@@ -105,20 +108,26 @@ def plot_coord_check(
     figure = Figure(figsize=(3.1 * len(quantities), 2.7 * len(params) + 0.5))
     axes = figure.subplots(len(params), len(quantities), squeeze=False)
     cmap = colormaps["plasma"]
+    depth = max(r["layer"] for r in records)
     for row, param in enumerate(params):
         for col, quantity in enumerate(quantities):
             ax = axes[row][col]
             chosen = [r for r in records if r["parametrization"] == param
                       and r["quantity"] == quantity and r["step"] == step]
-            layers = sorted({r["layer"] for r in chosen})
-            for index, layer in enumerate(layers):
-                points = sorted((r["width"], r["value"]) for r in chosen if r["layer"] == layer)
-                points = [(w, v) for w, v in points if v is not None and v > 0]
+            for layer in sorted({r["layer"] for r in chosen}):
+                by_width: dict[int, list] = {}
+                for r in chosen:
+                    if r["layer"] == layer:
+                        by_width.setdefault(r["width"], []).append(r["value"])
+                points = [  # the seed mean, as the slope is fitted to it
+                    (w, sum(v) / len(v)) for w, v in sorted(by_width.items())
+                    if None not in v and sum(v) > 0
+                ]
                 if not points:
                     continue
                 slope = slope_of.get((param, quantity, layer))
                 label = f"layer {layer}" + ("" if slope is None else f" ({slope:+.2f})")
-                color = cmap(0.85 * index / max(len(layers) - 1, 1))
+                color = cmap(0.85 * (layer - 1) / max(depth - 1, 1))
                 ax.plot(*zip(*points), "o-", ms=3, color=color, label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

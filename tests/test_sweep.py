@@ -153,8 +153,10 @@ def test_best_lr_table_from_synthetic_results():
     assert best[0].scores[1.0] == math.inf
     table = format_best_lr_table(best)
     assert "| bp | mup | -2 | -1 | 0* | 2 |" in table
-    wider = format_wider_is_better_table(best)  # at the narrowest's best lr 2^-2
-    assert "| bp | mup | -2 | 0.2 | 0.3 | 0.35 |" in wider
+    narrowest = format_wider_is_better_table(best, reference="narrowest")  # its best: 2^-2
+    assert "| bp | mup | -2 | 0.2 | 0.3 | 0.35 |" in narrowest
+    mean = format_wider_is_better_table(best)  # best sum over widths: 2^-1 (0.7)
+    assert "| bp | mup | -1 | 0.3 | 0.1 | 0.3 |" in mean
 
 
 def test_best_lr_averages_seeds_and_a_diverged_seed_spoils_its_lr():

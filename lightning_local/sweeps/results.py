@@ -178,7 +178,8 @@ def _score(records: Sequence[Mapping[str, Any]], metric: str) -> float:
 def best_learning_rates(
     records: Iterable[Mapping[str, Any]], metric: str = "train_loss"
 ) -> list[BestLR]:
-    """The best lr per (rule, parametrization, width), sorted by those keys.
+    """The best lr per (rule, parametrization, width): (rule, parametrization) pairs in the
+    order they first appear in ``records``, widths ascending.
 
     Raises:
         LocalLearningError: for a metric other than those in :data:`METRICS`.
@@ -190,8 +191,10 @@ def best_learning_rates(
         key = (record["rule"], record["parametrization"], int(record["width"]))
         groups[key][float(record["lr"])].append(record)
     sign = 1.0 if METRICS[metric] == "min" else -1.0
+    pairs = list(dict.fromkeys((rule, param) for rule, param, _ in groups))
     best = []
-    for (rule, param, width), by_lr in sorted(groups.items()):
+    order = sorted(groups.items(), key=lambda item: (pairs.index(item[0][:2]), item[0][2]))
+    for (rule, param, width), by_lr in order:
         scores = {lr: _score(runs, metric) for lr, runs in sorted(by_lr.items())}
         finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
         if not finite:
@@ -254,14 +257,18 @@ def format_best_lr_table(best: Sequence[BestLR], metric: str = "train_loss") -> 
 
 
 def format_wider_is_better_table(
-    best: Sequence[BestLR], metric: str = "train_loss", reference: str = "narrowest"
+    best: Sequence[BestLR], metric: str = "train_loss", reference: str = "mean"
 ) -> str:
     """A markdown table of ``metric`` per width at one fixed lr per (rule, parametrization).
 
-    The fixed lr is the best lr at the narrowest width (``reference="narrowest"``: the lr one
-    would tune on a small net and transfer), or the one with the best mean score over widths
-    (``"mean"``). ``div`` marks a diverged width.
+    The fixed lr is the one with the best mean score over widths (``reference="mean"``: a
+    good lr for every width), or the best lr at the narrowest width (``"narrowest"``: the lr
+    one would tune on a small net and transfer). ``div`` marks a diverged width.
     """
+    if reference not in ("mean", "narrowest"):
+        raise LocalLearningError(
+            f"unknown reference {reference!r}. Fix: use 'mean' or 'narrowest'."
+        )
     pairs, widths = _groups(best)
     index = {(b.rule, b.parametrization, b.width): b for b in best}
     sign = 1.0 if METRICS[metric] == "min" else -1.0
