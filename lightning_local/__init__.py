@@ -10,66 +10,130 @@ A flat API over small modules, one seam each:
 - :mod:`lightning_local.analysis`: deep linear PC in closed form;
 - :mod:`lightning_local.distributed`, :mod:`lightning_local.callbacks`: DDP and diagnostics;
 - :mod:`lightning_local.sweep`, :mod:`lightning_local.coord_check`, :mod:`lightning_local.cli`.
+
+Names are imported on first use, so ``import lightning_local`` (and the command line) stay
+fast until torch or Lightning is needed.
 """
 
-from lightning_local.analysis import compare_updates, linear_equilibrium, pc_gram_matrix
-from lightning_local.callbacks import LocalUpdateAlignment, LogRunConfig, local_update_cosines
-from lightning_local.data import (
-    CIFAR10DataModule,
-    FashionMNISTDataModule,
-    MNIST1DDataModule,
-    load_mnist1d,
-)
-from lightning_local.distributed import (
-    AllReduceCounter,
-    LocalDDPStrategy,
-    global_batch_sampler,
-    sum_across_processes,
-)
-from lightning_local.errors import (
-    CheckpointError,
-    DatasetNotFoundError,
-    LocalLearningError,
-    MissingBaseShapesError,
-    NonFiniteEnergyError,
-    ShapeMismatchError,
-    UnclassifiableParameterError,
-    UnsupportedNetworkError,
-)
-from lightning_local.loggers import log_figure, make_wandb_logger
-from lightning_local.losses import OutputLoss
-from lightning_local.models import CNN, MLP, WidthBuilder
-from lightning_local.modules import (
-    AtomicCheckpointIO,
-    BackpropModule,
-    LocalLearningModule,
-    PredictiveCodingModule,
-    TargetPropagationModule,
-)
-from lightning_local.network import as_blocks, feedforward
-from lightning_local.parametrization import (
-    SP,
-    MuP,
-    Parametrization,
-    base_shapes_from_builder,
-    get_parametrization,
-    has_base_shapes,
-    load_base_shapes,
-    reattach_base_shapes,
-    set_base_shapes,
-)
-from lightning_local.rules import (
-    Backprop,
-    InferenceResult,
-    LocalRule,
-    PredictiveCoding,
-    StepResult,
-    TargetPropagation,
-    TPNetwork,
-    local_loss,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_local.analysis import compare_updates, linear_equilibrium, pc_gram_matrix
+    from lightning_local.callbacks import LocalUpdateAlignment, LogRunConfig, local_update_cosines
+    from lightning_local.data import (
+        CIFAR10DataModule,
+        FashionMNISTDataModule,
+        MNIST1DDataModule,
+        load_mnist1d,
+    )
+    from lightning_local.distributed import (
+        AllReduceCounter,
+        LocalDDPStrategy,
+        global_batch_sampler,
+        sum_across_processes,
+    )
+    from lightning_local.errors import (
+        CheckpointError,
+        DatasetNotFoundError,
+        LocalLearningError,
+        MissingBaseShapesError,
+        NonFiniteEnergyError,
+        ShapeMismatchError,
+        UnclassifiableParameterError,
+        UnsupportedNetworkError,
+    )
+    from lightning_local.loggers import log_figure, make_wandb_logger
+    from lightning_local.losses import OutputLoss
+    from lightning_local.models import CNN, MLP, WidthBuilder
+    from lightning_local.modules import (
+        AtomicCheckpointIO,
+        BackpropModule,
+        LocalLearningModule,
+        PredictiveCodingModule,
+        TargetPropagationModule,
+    )
+    from lightning_local.network import as_blocks, feedforward
+    from lightning_local.parametrization import (
+        SP,
+        MuP,
+        Parametrization,
+        base_shapes_from_builder,
+        get_parametrization,
+        has_base_shapes,
+        load_base_shapes,
+        reattach_base_shapes,
+        set_base_shapes,
+    )
+    from lightning_local.rules import (
+        Backprop,
+        InferenceResult,
+        LocalRule,
+        PredictiveCoding,
+        StepResult,
+        TargetPropagation,
+        TPNetwork,
+        local_loss,
+    )
 
 __version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "AllReduceCounter": "lightning_local.distributed",
+    "AtomicCheckpointIO": "lightning_local.modules",
+    "Backprop": "lightning_local.rules",
+    "BackpropModule": "lightning_local.modules",
+    "CIFAR10DataModule": "lightning_local.data",
+    "CNN": "lightning_local.models",
+    "CheckpointError": "lightning_local.errors",
+    "DatasetNotFoundError": "lightning_local.errors",
+    "FashionMNISTDataModule": "lightning_local.data",
+    "InferenceResult": "lightning_local.rules",
+    "LocalDDPStrategy": "lightning_local.distributed",
+    "LocalLearningError": "lightning_local.errors",
+    "LocalLearningModule": "lightning_local.modules",
+    "LocalRule": "lightning_local.rules",
+    "LocalUpdateAlignment": "lightning_local.callbacks",
+    "LogRunConfig": "lightning_local.callbacks",
+    "MLP": "lightning_local.models",
+    "MNIST1DDataModule": "lightning_local.data",
+    "MissingBaseShapesError": "lightning_local.errors",
+    "MuP": "lightning_local.parametrization",
+    "NonFiniteEnergyError": "lightning_local.errors",
+    "OutputLoss": "lightning_local.losses",
+    "Parametrization": "lightning_local.parametrization",
+    "PredictiveCoding": "lightning_local.rules",
+    "PredictiveCodingModule": "lightning_local.modules",
+    "SP": "lightning_local.parametrization",
+    "ShapeMismatchError": "lightning_local.errors",
+    "StepResult": "lightning_local.rules",
+    "TPNetwork": "lightning_local.rules",
+    "TargetPropagation": "lightning_local.rules",
+    "TargetPropagationModule": "lightning_local.modules",
+    "UnclassifiableParameterError": "lightning_local.errors",
+    "UnsupportedNetworkError": "lightning_local.errors",
+    "WidthBuilder": "lightning_local.models",
+    "as_blocks": "lightning_local.network",
+    "base_shapes_from_builder": "lightning_local.parametrization",
+    "compare_updates": "lightning_local.analysis",
+    "feedforward": "lightning_local.network",
+    "get_parametrization": "lightning_local.parametrization",
+    "global_batch_sampler": "lightning_local.distributed",
+    "has_base_shapes": "lightning_local.parametrization",
+    "linear_equilibrium": "lightning_local.analysis",
+    "load_base_shapes": "lightning_local.parametrization",
+    "load_mnist1d": "lightning_local.data",
+    "local_loss": "lightning_local.rules",
+    "local_update_cosines": "lightning_local.callbacks",
+    "log_figure": "lightning_local.loggers",
+    "make_wandb_logger": "lightning_local.loggers",
+    "pc_gram_matrix": "lightning_local.analysis",
+    "reattach_base_shapes": "lightning_local.parametrization",
+    "set_base_shapes": "lightning_local.parametrization",
+    "sum_across_processes": "lightning_local.distributed",
+}
 
 __all__ = [
     "AllReduceCounter",
@@ -125,3 +189,17 @@ __all__ = [
     "set_base_shapes",
     "sum_across_processes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name from its module on first access (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_local' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
