@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,10 +19,23 @@ from typing import Any
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from PIL import Image
 
 from lightning_local.sweeps.results import METRICS, best_learning_rates
 
 __all__ = ["plot_transfer", "plot_coord_check"]
+
+
+def _save(figure: Figure, path: str | os.PathLike[str], dpi: int = 90) -> Path:
+    """Save ``figure`` as a PNG with a 64-colour palette (a third of matplotlib's size)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    buffer.seek(0)
+    path = Path(path)
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+        palette.save(path, format="PNG", optimize=True)
+    return path
 
 
 def _width_colors(widths: Sequence[int]) -> dict[int, Any]:
@@ -79,9 +93,7 @@ def plot_transfer(
     figure.text(0.01, 0.005, "star: best lr per width; x (top of a panel): diverged; losses "
                 "above 2.5x the panel's best are cut off", fontsize=7)
     figure.tight_layout(rect=(0, 0.015, 1, 1))
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    return path
+    return _save(figure, path)
 
 
 def plot_coord_check(
@@ -137,7 +149,5 @@ def plot_coord_check(
             ax.legend(fontsize=6, loc="best")
     figure.suptitle(f"{rule}: rms after step {step} (slope vs width in the legend)", fontsize=10)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    return path
+    return _save(figure, path)
 
