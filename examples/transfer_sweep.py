@@ -92,14 +92,15 @@ def run(dataset: str, args: argparse.Namespace) -> None:
     result = sweep(config, output, workers=args.workers, threads=args.threads)
     wall = time.perf_counter() - start
     summary = verdict(result)
-    print(summary)
+    print(result.table + "\n\n" + summary)
     text = (
         f"# Learning-rate transfer on {dataset}\n\n"
         f"3-layer tanh MLP without biases, MSE, SGD, batch {config.batch_size}, "
         f"{config.epochs} epochs, base width {config.base_width}, seeds {list(config.seeds)}, "
         f"lr grid 2^{args.log2_lr[0]:g} .. 2^{args.log2_lr[1]:g}.\n\n"
         f"{result.table}\n\n```\n{summary}\n```\n\n"
-        f"Summed run time {result.run_seconds / 60:.1f} min over {len(result.records)} runs; "
+        f"Summed run time {sum(r['seconds'] for r in result.records) / 60:.1f} min over "
+        f"{len(result.records)} runs (one process, 1 torch thread); "
         f"this invocation ran {result.executed} runs in {wall / 60:.1f} min wall time "
         f"({args.workers} worker(s)).\n"
     )

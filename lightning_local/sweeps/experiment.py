@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_local.errors import DatasetNotFoundError, LocalLearningError
+from lightning_local.errors import LocalLearningError
 from lightning_local.models import MLP
 from lightning_local.network import as_blocks
 from lightning_local.parametrization import (
@@ -250,15 +250,6 @@ def load_dataset(
     (x_train, y_train), (x_test, y_test) = module.train_set.tensors, module.test_set.tensors
     _DATA_CACHE[key] = (x_train, y_train, x_test, y_test)
     return _DATA_CACHE[key]
-
-
-def dataset_available(name: str, data_dir: str | os.PathLike[str] | None = None) -> bool:
-    """Whether :func:`load_dataset` can read ``name`` (MNIST-1D always can)."""
-    try:
-        load_dataset(name, data_dir)
-    except DatasetNotFoundError:
-        return False
-    return True
 
 
 def _plain(value: Any) -> Any:

@@ -385,7 +385,6 @@ def sweep(
         from lightning_local.plots import plot_transfer
 
         plot_path = plot_transfer(records, folder / "transfer.png", metric=metric)
-    log(table)
     return SweepResult(records, best, table, len(pending), skipped, seconds, run_seconds,
                        results_path, plot_path, table_path)
 
