@@ -134,6 +134,41 @@ def test_closed_form_feedback_is_the_ridge_regression_solution(batch, ranks):
         torch.testing.assert_close(g.weight, expected, rtol=1e-7, atol=1e-9)
 
 
+def test_noisy_closed_form_minimizes_the_expected_noisy_reconstruction_loss():
+    """ridge_noise = s: Q_l* minimizes sum_b ||Q h_l,b - h_l-1,b||^2 + s^2 sum_b ||Q J_b - I||^2
+    + mu ||Q||^2 with J_b = d f_l / d h_{l-1} at sample b (the noise term of the noisy
+    reconstruction loss, exact for the affine readout); reference: least squares with the
+    Jacobians from autograd."""
+    torch.manual_seed(0)
+    s, ridge = 0.7, 0.05
+    rule = TargetPropagation(ridge=ridge, ridge_noise=s)
+    net = rule.build_network(MLP(6, 8, 3, depth=3)).double()
+    x, _ = _data(batch=10)
+    blocks, activations = as_blocks(net), feedforward(as_blocks(net), x)
+    rule.fit_feedback(net, activations)
+    for layer, g in enumerate(net.feedback, start=2):
+        features, below = activations[layer], activations[layer - 1]
+        width, size = features.shape[1], below.shape[1]
+        jacobians = [torch.func.jacrev(blocks[layer - 1])(h) for h in below]
+        a = torch.cat([features, *[s * j.T for j in jacobians],
+                       math.sqrt(ridge * width) * torch.eye(width, dtype=x.dtype)])
+        b = torch.cat([below, *[s * torch.eye(size, dtype=x.dtype)] * len(jacobians),
+                       torch.zeros(width, size, dtype=x.dtype)])
+        expected = torch.linalg.lstsq(a, b).solution.T
+        torch.testing.assert_close(g.weight, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_large_ridge_noise_gives_the_pseudo_inverse_readout_feedback():
+    torch.manual_seed(0)
+    rule = TargetPropagation(ridge=1e-6, ridge_noise=1e4)
+    net = rule.build_network(MLP(6, 8, 3, depth=3)).double()
+    x, _ = _data(batch=10)
+    rule.fit_feedback(net, feedforward(as_blocks(net), x))
+    readout = as_blocks(net)[-1].weight
+    torch.testing.assert_close(net.feedback[-1].weight, torch.linalg.pinv(readout),
+                               rtol=1e-5, atol=1e-6)
+
+
 def _reconstruction_errors(net, x):
     activations = feedforward(as_blocks(net), x)
     return torch.stack([

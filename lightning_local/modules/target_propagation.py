@@ -38,6 +38,8 @@ class TargetPropagationModule(LocalLearningModule):
         feedback_training: ``"ridge"`` (closed form per batch), ``"noisy"`` (noisy
             reconstruction loss) or ``"none"`` (fixed random feedback).
         ridge: ``mu'``; layer ``l`` uses ``mu_l = mu' * n_l``.
+        ridge_noise: noise level of the closed form (its expected noisy reconstruction loss;
+            0 = the plain batch ridge).
         noise_std: reconstruction noise standard deviation ``s``.
         feedback_steps: ``k`` feedback steps per batch (noisy reconstruction).
         feedback_pretrain_epochs: epochs that train the feedback only, at the start.
@@ -67,6 +69,7 @@ class TargetPropagationModule(LocalLearningModule):
         feedback: Literal["linear", "nonlinear"] = "linear",
         feedback_training: Literal["ridge", "noisy", "none"] = "ridge",
         ridge: float = 0.1,
+        ridge_noise: float = 0.0,
         noise_std: float = 0.1,
         feedback_steps: int = 1,
         feedback_pretrain_epochs: int = 0,
@@ -87,7 +90,8 @@ class TargetPropagationModule(LocalLearningModule):
         )
         self._rule_settings = dict(
             variant=variant, beta=beta, feedback=feedback, feedback_training=feedback_training,
-            ridge=ridge, noise_std=noise_std, feedback_steps=feedback_steps,
+            ridge=ridge, ridge_noise=ridge_noise, noise_std=noise_std,
+            feedback_steps=feedback_steps,
             layer_weights=layer_weights, compute_bp_angle=compute_bp_angle,
         )
         rule = self.build_rule()  # fails on bad settings now, not at the first step

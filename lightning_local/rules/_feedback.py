@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lightning_local.errors import UnsupportedNetworkError
 from lightning_local.models import gaussian_init_
 
-__all__ = ["FeedbackKind", "build_feedback", "linear_map", "ridge_solution"]
+__all__ = ["FeedbackKind", "build_feedback", "linear_map", "noise_gram", "ridge_solution"]
 
 FeedbackKind = Literal["linear", "nonlinear"]
 
@@ -165,11 +165,39 @@ def linear_map(g: nn.Module) -> nn.Linear | None:
     return None
 
 
+def noise_gram(block: nn.Module, below: Tensor, noise_std: float) -> tuple[Tensor, Tensor]:
+    """The noise terms of the expected noisy reconstruction loss, for the closed form.
+
+    For ``xi_b ~ N(0, s^2 I)`` and a block ``f(h) = phi(W h + b)`` expanded to first order,
+    ``E sum_b ||Q f(h_b + xi_b) - (h_b + xi_b)||^2 = sum_b ||Q f(h_b) - h_b||^2
+    + s^2 sum_b ||Q D_b W - I||^2`` with ``D_b = diag(phi'(u_b))`` (exact when the block is
+    affine, ``D_b = I``). Returns the two terms the normal equations gain:
+    ``s^2 sum_b D_b W W^T D_b`` (``n_l x n_l``) and ``s^2 sum_b D_b W`` (``n_l x n_{l-1}``).
+    """
+    layers = _layers(block)
+    linear = next(m for m in layers if isinstance(m, nn.Linear))
+    weight, variance = linear.weight, noise_std**2
+    tail = layers[layers.index(linear) + 1:]
+    if not tail:
+        return variance * below.shape[0] * weight @ weight.T, variance * below.shape[0] * weight
+    with torch.enable_grad():
+        u = linear(below.flatten(1)).detach().requires_grad_(True)
+        output = u
+        for activation in tail:
+            output = activation(output)
+        slope = torch.autograd.grad(output.sum(), u)[0]
+    return (
+        variance * (weight @ weight.T) * (slope.T @ slope),
+        variance * slope.sum(0)[:, None] * weight,
+    )
+
+
 def ridge_solution(
     features: Sequence[Tensor],
     reconstruct: Sequence[Tensor],
     ridges: Sequence[float],
     all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    noise_terms: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> list[Tensor]:
     """Closed-form ridge feedback ``Q_l*`` for each layer, from one batch.
 
@@ -179,16 +207,21 @@ def ridge_solution(
         ridges: ``mu_l`` per layer.
         all_reduce_sum: sums a tensor over processes; when given, the Gram sums
             ``H_l H_l^T`` and ``H_{l-1} H_l^T`` of all layers go through it in one call.
+        noise_terms: per layer, the terms :func:`noise_gram` adds to the two Gram sums
+            (batch sums too, so they are reduced with them).
 
     Returns:
         ``Q_l*`` per layer, shape ``(n_{l-1}, n_l)``.
     """
-    if all_reduce_sum is None:
+    if all_reduce_sum is None and noise_terms is None:
         return [_ridge_one(x, y, mu) for x, y, mu in zip(features, reconstruct, ridges)]
     grams = [(x.T @ x, x.T @ y) for x, y in zip(features, reconstruct)]
-    flat = all_reduce_sum(torch.cat([g.flatten() for pair in grams for g in pair]))
-    parts = iter(flat.split([g.numel() for pair in grams for g in pair]))
-    grams = [(next(parts).view_as(xx), next(parts).view_as(xy)) for xx, xy in grams]
+    if noise_terms is not None:
+        grams = [(xx + nxx, xy + nxy) for (xx, xy), (nxx, nxy) in zip(grams, noise_terms)]
+    if all_reduce_sum is not None:
+        flat = all_reduce_sum(torch.cat([g.flatten() for pair in grams for g in pair]))
+        parts = iter(flat.split([g.numel() for pair in grams for g in pair]))
+        grams = [(next(parts).view_as(xx), next(parts).view_as(xy)) for xx, xy in grams]
     return [_solve_primal(xx, xy, mu) for (xx, xy), mu in zip(grams, ridges)]
 
 

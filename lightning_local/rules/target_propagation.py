@@ -38,6 +38,7 @@ from lightning_local.rules._feedback import (
     FeedbackKind,
     build_feedback,
     linear_map,
+    noise_gram,
     ridge_solution,
 )
 from lightning_local.rules.base import LocalRule, StepResult, check_finite, local_loss, rms
@@ -131,7 +132,10 @@ class TargetPropagation(LocalRule):
         ridge: ``mu'`` of the closed form; layer ``l`` uses ``mu_l = mu' * n_l`` with ``n_l``
             the size of ``h_l``, so the penalty keeps pace with the Gram eigenvalues
             (``H_l^T H_l = Theta(n_l)``): the spec's "ridge mu scales like M".
-        noise_std: ``s``, the reconstruction noise's standard deviation.
+        ridge_noise: noise level ``s`` of the closed form: ``Q_l*`` then minimizes the
+            expected noisy reconstruction loss on the batch (0: the plain batch ridge; large:
+            the pseudo-inverse ``W_l^+`` for an affine block). See :meth:`fit_feedback`.
+        noise_std: ``s``, the noisy reconstruction loss's noise standard deviation.
         feedback_steps: ``k``, noisy-reconstruction steps per batch (see the module docstring).
         layer_weights: ``w_l`` of the local losses (default 1 for every layer).
         compute_bp_angle: also log the angle (degrees) between each layer's TP update and the
@@ -154,6 +158,7 @@ class TargetPropagation(LocalRule):
         feedback: FeedbackKind = "linear",
         feedback_training: FeedbackTraining = "ridge",
         ridge: float = 0.1,
+        ridge_noise: float = 0.0,
         noise_std: float = 0.1,
         feedback_steps: int = 1,
         layer_weights: Sequence[float] | None = None,
@@ -178,13 +183,15 @@ class TargetPropagation(LocalRule):
                 "and must be >= 1, and 1 for ridge or fixed feedback. Fix: feedback_steps=1, "
                 "or feedback_training='noisy'."
             )
-        if beta <= 0 or ridge <= 0 or noise_std < 0:
+        if beta <= 0 or ridge <= 0 or noise_std < 0 or ridge_noise < 0:
             raise LocalLearningError(
-                f"beta={beta}, ridge={ridge}, noise_std={noise_std}: beta and ridge must be "
-                "positive, noise_std non-negative. Fix: e.g. beta=0.5, ridge=0.1, noise_std=0.1."
+                f"beta={beta}, ridge={ridge}, noise_std={noise_std}, ridge_noise={ridge_noise}: "
+                "beta and ridge must be positive, the noise levels non-negative. Fix: e.g. "
+                "beta=0.5, ridge=0.1, noise_std=0.1, ridge_noise=0."
             )
         self.variant, self.beta, self.feedback = variant, float(beta), feedback
         self.feedback_training, self.ridge, self.noise_std = feedback_training, ridge, noise_std
+        self.ridge_noise = float(ridge_noise)
         self.feedback_steps = int(feedback_steps)
         self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
         self.compute_bp_angle = compute_bp_angle
@@ -194,8 +201,8 @@ class TargetPropagation(LocalRule):
         return dict(
             super().hparams(), variant=self.variant, beta=self.beta, feedback=self.feedback,
             feedback_training=self.feedback_training, ridge=self.ridge,
-            noise_std=self.noise_std, feedback_steps=self.feedback_steps,
-            layer_weights=self.layer_weights,
+            ridge_noise=self.ridge_noise, noise_std=self.noise_std,
+            feedback_steps=self.feedback_steps, layer_weights=self.layer_weights,
         )
 
     def build_network(
@@ -248,12 +255,23 @@ class TargetPropagation(LocalRule):
 
     @torch.no_grad()
     def fit_feedback(self, network: nn.Module, activations: Sequence[Tensor]) -> None:
-        """Write the closed-form ridge optimum ``Q_l*`` on this batch into each ``g_l``."""
-        maps = self._linear_maps(getattr(network, "feedback", network))
+        """Write the closed-form optimum ``Q_l*`` on this batch into each ``g_l``.
+
+        ``Q_l* = argmin_Q ||Q H_l - H_{l-1}||^2 + mu_l ||Q||^2``, plus, with ``ridge_noise = s
+        > 0``, the expected noise term ``s^2 sum_b ||Q D_b W_l - I||^2`` of the noisy
+        reconstruction loss (exact for an affine block, first order through the activation
+        slope ``D_b`` otherwise; see :func:`~lightning_local.rules._feedback.noise_gram`).
+        """
+        blocks, feedback = as_blocks(network), network.feedback
+        maps = self._linear_maps(feedback)
         features = [h.flatten(1) for h in activations[2:]]
         ridges = [self.ridge * x.shape[1] for x in features]
         reconstruct = [h.flatten(1) for h in activations[1:-1]]
-        solutions = ridge_solution(features, reconstruct, ridges, self.all_reduce_sum)
+        noise = None
+        if self.ridge_noise > 0:
+            noise = [noise_gram(block, h, self.ridge_noise)
+                     for block, h in zip(blocks[1:], activations[1:-1])]
+        solutions = ridge_solution(features, reconstruct, ridges, self.all_reduce_sum, noise)
         for linear, solution in zip(maps, solutions):
             linear.weight.copy_(solution)
 
@@ -328,11 +346,12 @@ class TargetPropagation(LocalRule):
 
     @torch.no_grad()
     def _feedforward_and_targets(
-        self, blocks: Sequence[nn.Module], feedback: nn.ModuleList, inputs: Tensor, targets: Tensor
+        self, network: nn.Module, inputs: Tensor, targets: Tensor
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        blocks, feedback = self._parts(network)
         activations = feedforward(blocks, inputs)
         if self.feedback_training == "ridge":
-            self.fit_feedback(feedback, activations)
+            self.fit_feedback(network, activations)
         output_grad = self.loss.grad(activations[-1], targets)
         return activations, *self._targets(feedback, activations, output_grad)
 
@@ -341,12 +360,12 @@ class TargetPropagation(LocalRule):
 
         Closed-form feedback is fitted on the batch first (and stays written in the network).
         """
-        return self._feedforward_and_targets(*self._parts(network), inputs, targets)[1]
+        return self._feedforward_and_targets(network, inputs, targets)[1]
 
     def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
         blocks, feedback = self._parts(network)
         activations, layer_targets, errors = self._feedforward_and_targets(
-            blocks, feedback, inputs, targets
+            network, inputs, targets
         )
         output = activations[-1]
         loss = self.loss.mean(output, targets)
