@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # read the paths now: testing from the best checkpoint restores the callback's old state
     best, last = checkpoints.best_model_path, checkpoints.last_model_path
     tested = trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)[0]
+    if args.wandb:  # close the run, so later runs in this process start their own
+        logger.experiment.finish()
     return {
         "test_acc": float(tested["test/acc"]),
         "test_loss": float(tested["test/loss"]),
