@@ -253,3 +253,19 @@ def test_tolerance_does_not_take_an_energy_rise_for_convergence():
     trace = result.energy_trace
     assert any(b > a for a, b in zip(trace, trace[1:]))
     assert result.steps == 12  # did not stop at the first rise
+
+
+@pytest.mark.parametrize("fixed_prediction", [True, False])
+def test_logged_final_energy_is_the_energy_at_the_inferred_states(fixed_prediction):
+    torch.manual_seed(11)
+    net = MLP(in_features=6, width=8, num_classes=3, depth=4).double()
+    x, y = _batch()
+    rule = PredictiveCoding(
+        inference="simultaneous", inference_steps=6, inference_lr=0.1,
+        fixed_prediction=fixed_prediction, hidden_weights=[0.5, 1.0, 2.0], output_weight=1.5,
+    )
+    states = rule.infer(net, x, y).states
+    reference = _autograd_energy(net, states, y, rule).detach()
+    metrics = rule.training_loss(net, x, y).metrics
+    torch.testing.assert_close(metrics["energy_after"], reference / x.shape[0])
+    torch.testing.assert_close(metrics["energy_per_layer"].sum(), reference / x.shape[0])

@@ -24,7 +24,7 @@ from lightning_local.errors import NonFiniteEnergyError
 from lightning_local.losses import LossName, OutputLoss, get_loss
 from lightning_local.network import as_blocks, feedforward
 
-__all__ = ["LocalRule", "StepResult", "local_loss", "check_finite"]
+__all__ = ["LocalRule", "StepResult", "check_finite", "local_loss", "local_losses"]
 
 
 @dataclass
@@ -54,27 +54,41 @@ def check_finite(value: Tensor, what: str) -> Tensor:
     return value
 
 
+def local_losses(
+    blocks: Sequence[nn.Module],
+    layer_inputs: Sequence[Tensor],
+    layer_targets: Sequence[Tensor],
+    layer_weights: Sequence[float],
+) -> list[Tensor]:
+    """Weighted local losses, one per block, with detached inputs and targets.
+
+    ``(w_l / 2B) ||tau_l - f_l(z_{l-1})||^2`` with ``z_{l-1}`` = ``layer_inputs[l]`` and
+    ``tau_l`` = ``layer_targets[l]`` (both detached). Its gradient w.r.t. block ``l``'s
+    parameters is ``-(w_l / B) (d f_l / d theta_l)^T (tau_l - f_l(z_{l-1}))``: the local update
+    shared by predictive coding (``tau_l = x_l``, ``w_l = gamma_l``) and target propagation.
+    A block whose weight is 0 is not run and contributes a zero.
+    """
+    batch = layer_inputs[0].shape[0]
+    losses = []
+    for block, z, tau, weight in zip(blocks, layer_inputs, layer_targets, layer_weights):
+        if weight == 0:
+            losses.append(z.new_zeros(()))
+            continue
+        prediction = block(z.detach())
+        losses.append((weight / (2 * batch)) * (tau.detach() - prediction).pow(2).sum())
+    return losses
+
+
 def local_loss(
     blocks: Sequence[nn.Module],
     layer_inputs: Sequence[Tensor],
     layer_targets: Sequence[Tensor],
     layer_weights: Sequence[float],
 ) -> Tensor:
-    """Sum of weighted local losses with detached inputs and targets.
-
-    ``sum_l (w_l / 2B) ||tau_l - f_l(z_{l-1})||^2`` with ``z_{l-1}`` = ``layer_inputs[l]`` and
-    ``tau_l`` = ``layer_targets[l]`` (both detached). Its gradient w.r.t. block ``l``'s
-    parameters is ``-(w_l / B) (d f_l / d theta_l)^T (tau_l - f_l(z_{l-1}))``: the local update
-    shared by predictive coding (``tau_l = x_l``, ``w_l = gamma_l``) and target propagation.
-    Blocks whose weight is 0 are skipped.
-    """
-    batch = layer_inputs[0].shape[0]
+    """``sum_l (w_l / 2B) ||tau_l - f_l(z_{l-1})||^2``: the sum of :func:`local_losses`."""
     total = layer_inputs[0].new_zeros(())
-    for block, z, tau, weight in zip(blocks, layer_inputs, layer_targets, layer_weights):
-        if weight == 0:
-            continue
-        prediction = block(z.detach())
-        total = total + (weight / (2 * batch)) * (tau.detach() - prediction).pow(2).sum()
+    for term in local_losses(blocks, layer_inputs, layer_targets, layer_weights):
+        total = total + term
     return total
 
 

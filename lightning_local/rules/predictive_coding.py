@@ -50,7 +50,7 @@ from lightning_local.errors import LocalLearningError
 from lightning_local.losses import LossName, OutputLoss
 from lightning_local.network import as_blocks, shape_errors
 from lightning_local.rules._linearize import Linearization, linearize
-from lightning_local.rules.base import LocalRule, StepResult, check_finite, local_loss, rms
+from lightning_local.rules.base import LocalRule, StepResult, check_finite, local_losses, rms
 
 __all__ = ["InferenceResult", "PredictiveCoding"]
 
@@ -216,15 +216,27 @@ class PredictiveCoding(LocalRule):
             )
 
     # --------------------------------------------------------------- inference
-    def infer(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> InferenceResult:
-        """Run inference from the feedforward states (F-ini); no weight gradients are made."""
+    def infer(
+        self, network: nn.Module, inputs: Tensor, targets: Tensor, *, final_energy: bool = True
+    ) -> InferenceResult:
+        """Run inference from the feedforward states (F-ini); no weight gradients are made.
+
+        With ``final_energy=False`` the energy at the final states is not computed
+        (``energy_after`` is then ``energy_before`` and ``energy_per_layer`` is ``None``).
+        """
         blocks = as_blocks(network)
         with torch.inference_mode(False), torch.no_grad():
             if inputs.is_inference():  # validation data: autograd may not touch it
                 inputs = inputs.clone()
-            return self._infer(blocks, inputs, targets)
+            return self._infer(blocks, inputs, targets, final_energy)
 
-    def _infer(self, blocks: list[nn.Module], inputs: Tensor, targets: Tensor) -> InferenceResult:
+    def _infer(
+        self,
+        blocks: list[nn.Module],
+        inputs: Tensor,
+        targets: Tensor,
+        final_energy: bool = True,
+    ) -> InferenceResult:
         hidden = len(blocks) - 1
         gammas = self._gammas(hidden)
         kappas = _per_layer(self.inference_lr, hidden, "inference_lr")
@@ -266,6 +278,8 @@ class PredictiveCoding(LocalRule):
                     elif decrease <= self.tolerance * max(abs(previous), 1e-30):
                         break
                     previous = current
+        if not final_energy:  # the caller gets it from its own forward pass at the states
+            return InferenceResult(states, feedforward, energy_before, energy_before, steps, trace)
         energy_terms = self._energy_terms(blocks, states, targets)
         return InferenceResult(
             states, feedforward, energy_before, energy_terms.sum(), steps, trace, energy_terms
@@ -330,26 +344,32 @@ class PredictiveCoding(LocalRule):
     def weight_loss(
         self, network: nn.Module, inference: InferenceResult, targets: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """The surrogate ``F(x; W) / B`` at fixed states, and the feedforward output.
+        """The surrogate ``F(x; W) / B`` at fixed states, and its per-block terms.
 
         Its gradient w.r.t. the parameters is ``dF/dW / B``; with FPA the block inputs are the
         feedforward activations ``h_{l-1}`` and the hidden errors ``x_l - f_l(h_{l-1})``.
+        Without FPA the terms times ``B`` are the energy's terms at the states.
         """
         blocks = as_blocks(network)
-        hidden = len(blocks) - 1
-        gammas = self._gammas(hidden)
+        gammas = self._gammas(len(blocks) - 1)
         inputs = inference.feedforward[:-1] if self.fixed_prediction else inference.states
-        surrogate = local_loss(blocks[:-1], inputs[:-1], inference.states[1:], gammas[:-1])
+        terms = local_losses(blocks[:-1], inputs[:-1], inference.states[1:], gammas[:-1])
         prediction = blocks[-1](inputs[-1].detach())
-        surrogate = surrogate + gammas[-1] * self.loss.mean(prediction, targets)
-        return surrogate, prediction
+        terms.append(gammas[-1] * self.loss.mean(prediction, targets))
+        terms = torch.stack(terms)
+        return terms.sum(), terms
 
     def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
-        inference = self.infer(network, inputs, targets)
-        surrogate, _ = self.weight_loss(network, inference, targets)
+        # without FPA the surrogate's forward pass is at the final states: it gives the final
+        # energy, so inference skips computing it
+        inference = self.infer(network, inputs, targets, final_energy=self.fixed_prediction)
+        surrogate, terms = self.weight_loss(network, inference, targets)
         check_finite(surrogate, "the predictive-coding energy")
-        output = inference.feedforward[-1]
         batch = inputs.shape[0]
+        if not self.fixed_prediction:
+            inference.energy_per_layer = terms.detach() * batch
+            inference.energy_after = inference.energy_per_layer.sum()
+        output = inference.feedforward[-1]
         errors = [x - h for x, h in zip(inference.states[1:], inference.feedforward[1:-1])]
         # ||eps_l||^2 = 2 F_l / gamma_l for the hidden terms F_l of the final energy
         gammas = torch.tensor(self._gammas(len(errors))[:-1], dtype=output.dtype)
