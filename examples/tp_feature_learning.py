@@ -40,6 +40,7 @@ from lightning_local.rules.target_propagation import TargetPropagation
 
 RULES = ("tp", "bp")
 DEFAULT_LR = {"tp": 0.5, "bp": 0.1}
+DEFAULT_ADAM_LR = {"tp": 0.01, "bp": 0.01}
 
 
 def measure(
@@ -53,8 +54,10 @@ def measure(
     batch_size: int = 128,
     base_width: int = 64,
     seed: int = 0,
+    optimizer: str = "sgd",
 ) -> dict[str, object]:
-    """Train ``steps`` SGD steps under the rule's muP; return the feature-change measures."""
+    """Train ``steps`` steps of ``optimizer`` (``"sgd"`` or ``"adam"``) under the rule's muP;
+    return the feature-change measures."""
     torch.manual_seed(seed)
     net = MLP(inputs.shape[1], width, int(labels.max()) + 1, depth=3, bias=False)
     if rule_name == "tp":
@@ -64,8 +67,9 @@ def measure(
         rule, model = Backprop("mse"), net
     set_base_shapes(model, base_width)
     parametrization = MuP()
-    parametrization.initialize(model, rule=rule)
-    optimizer = parametrization.build_optimizer(model, lr or DEFAULT_LR[rule_name], rule=rule)
+    parametrization.initialize(model, rule=rule, optimizer=optimizer)
+    lr = lr or (DEFAULT_LR if optimizer == "sgd" else DEFAULT_ADAM_LR)[rule_name]
+    optimizer = parametrization.build_optimizer(model, lr, rule=rule, optimizer=optimizer)
     blocks = as_blocks(model)
     with torch.no_grad():
         before = feedforward(blocks, probe)

@@ -373,16 +373,18 @@ def _feature_learning_example():
     return module
 
 
-def test_tp_learns_features_with_clt_readout_alignment():
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_tp_learns_features_with_clt_readout_alignment(optimizer):
     """Spec section 5 at small widths: Delta h flat under TP muP; readout alignment exponent
-    about 1/2 for TP (CLT) versus about 1 for backprop (LLN)."""
+    about 1/2 for TP (CLT) versus about 1 for backprop (LLN); with SGD and with Adam."""
     example = _feature_learning_example()
     torch.manual_seed(0)
     x = torch.randn(1024, 20)
     y = (x @ torch.randn(20, 10)).argmax(1)
     widths = [64, 128, 256, 512]
     measured = {
-        rule: [example.measure(rule, w, x, y, x[:128], steps=5, batch_size=64) for w in widths]
+        rule: [example.measure(rule, w, x, y, x[:128], steps=5, batch_size=64,
+                               optimizer=optimizer) for w in widths]
         for rule in ("tp", "bp")
     }
     tp_slope = example.fitted_slope(widths, [r["alignment"] for r in measured["tp"]])
