@@ -4,9 +4,11 @@ Forward blocks ``f_l`` (``h_l = f_l(h_{l-1})``, ``f = h_L``) and feedback maps `
 ``l = 2 .. L`` (``g_l`` maps layer ``l`` back to layer ``l-1``). Per batch:
 
 1. feedforward ``h_0 .. h_L``;
-2. feedback: the closed-form ridge optimum on the batch, or gradient steps on the DTP noisy
-   reconstruction loss ``1/2 ||g_l(f_l(h_{l-1} + xi)) - (h_{l-1} + xi)||^2``,
-   ``xi ~ N(0, s^2)``;
+2. feedback: the closed-form ridge optimum on the batch (optionally of the expected noisy
+   reconstruction loss, ``ridge_noise``), or gradient steps on the DTP noisy reconstruction
+   loss ``1/2 ||g_l(f_l(h_{l-1} + xi)) - (h_{l-1} + xi)||^2``, ``xi ~ N(0, s^2)``, or fixed
+   random feedback. (Difference reconstruction, DRL, is not implemented: it trains each
+   ``g_l`` through the whole feedback chain above it);
 3. targets: ``tau_L = f - beta * d loss / d f``; TP ``tau_{l-1} = g_l(tau_l)``, DTP
    ``tau_{l-1} = h_{l-1} + g_l(tau_l) - g_l(h_l)``;
 4. forward update from the local losses ``sum_l (w_l / 2B) ||tau_l - f_l(h_{l-1})||^2`` with
@@ -92,7 +94,8 @@ class TPNetwork(nn.Module):
         elif not isinstance(feedback, nn.ModuleList) or len(feedback) != len(blocks) - 1:
             raise UnsupportedNetworkError(
                 f"feedback must be 'linear', 'nonlinear' or an nn.ModuleList of "
-                f"{len(blocks) - 1} maps (g_2 .. g_L) for this {len(blocks)}-block network."
+                f"{len(blocks) - 1} maps (g_2 .. g_L) for this {len(blocks)}-block network. "
+                "Fix: pass feedback='linear' to build the maps from the blocks."
             )
         self.feedback = feedback.requires_grad_(trainable_feedback)
 
