@@ -25,9 +25,9 @@ __all__ = ["Linearization", "linearize", "supports_fast_path"]
 Pullback = Callable[[Tensor], Tensor]
 
 _DERIVATIVE_FROM_OUTPUT: dict[type[nn.Module], Callable[[Tensor], Tensor] | None] = {
-    nn.Tanh: lambda mu: 1 - mu * mu,
+    nn.Tanh: lambda mu: torch.mul(mu, mu).neg_().add_(1),
     nn.ReLU: lambda mu: (mu > 0).to(mu.dtype),
-    nn.Sigmoid: lambda mu: mu * (1 - mu),
+    nn.Sigmoid: lambda mu: torch.sub(1, mu).mul_(mu),
     nn.Identity: None,
 }
 

@@ -81,6 +81,11 @@ class InferenceResult:
     energy_per_layer: Tensor | None = None
 
 
+def _scaled(value: Tensor, factor: float) -> Tensor:
+    """``factor * value``, in place (``value`` is a fresh temporary)."""
+    return value if factor == 1.0 else value.mul_(factor)
+
+
 def _per_layer(value: float | Sequence[float], count: int, name: str) -> list[float]:
     if isinstance(value, (int, float)):
         return [float(value)] * count
@@ -204,9 +209,13 @@ class PredictiveCoding(LocalRule):
         targets: Tensor,
         gammas: Sequence[float],
     ) -> list[Tensor]:
-        weighted = [g * (x - m.prediction) for g, x, m in zip(gammas, states[1:], maps)]
-        weighted.append(gammas[-1] * self._output_error(maps[-1].prediction, targets))
-        return [weighted[l] - maps[l + 1].pullback(weighted[l + 1]) for l in range(len(states) - 1)]
+        weighted = [_scaled(x - m.prediction, g) for g, x, m in zip(gammas, states[1:], maps)]
+        weighted.append(_scaled(self._output_error(maps[-1].prediction, targets), gammas[-1]))
+        # in increasing l, weighted[l] is no longer needed once layer l-1's pullback used it
+        return [
+            weighted[l].sub_(maps[l + 1].pullback(weighted[l + 1]))
+            for l in range(len(states) - 1)
+        ]
 
     def _check_states(self, blocks: Sequence[nn.Module], states: Sequence[Tensor]) -> None:
         if len(states) != len(blocks):
@@ -241,7 +250,8 @@ class PredictiveCoding(LocalRule):
         gammas = self._gammas(hidden)
         kappas = _per_layer(self.inference_lr, hidden, "inference_lr")
         maps, feedforward = self._linearize_all(blocks, [inputs], extend=True)
-        states = list(feedforward[:-1])
+        targets = self.loss.target_matrix(feedforward[-1], targets)  # one-hot once, not per step
+        states = [inputs] + [h.clone() for h in feedforward[1:-1]]  # moved in place below
         energy_before = gammas[-1] * self.loss.per_sample_sum(feedforward[-1], targets)
         velocity: list[Tensor | None] = [None] * hidden
         trace: list[float] = []
@@ -250,9 +260,10 @@ class PredictiveCoding(LocalRule):
         def move(layer: int, grad: Tensor) -> None:
             if self.state_momentum:
                 buffer = velocity[layer - 1]
-                grad = grad if buffer is None else self.state_momentum * buffer + grad
+                if buffer is not None:
+                    grad = buffer.mul_(self.state_momentum).add_(grad)
                 velocity[layer - 1] = grad
-            states[layer] = states[layer] - kappas[layer - 1] * grad
+            states[layer].sub_(grad, alpha=kappas[layer - 1])
 
         if self.inference == "sequential":
             for steps in range(1, self.inference_steps + 1):
