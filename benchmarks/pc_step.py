@@ -39,7 +39,7 @@ def _step_time(rule: LocalRule, net: torch.nn.Module, x, y, repeats: int) -> Cal
 
 
 def measure(width: int, depth: int, batch: int, steps: list[int], fast_path: bool,
-            rounds: int, repeats: int) -> list[dict[str, float]]:
+            rounds: int, repeats: int, compare_autograd: bool = False) -> list[dict[str, float]]:
     torch.manual_seed(0)
     net = MLP(in_features=40, width=width, num_classes=10, depth=depth)
     x, y = torch.randn(batch, 40), torch.randint(0, 10, (batch,))
@@ -49,6 +49,10 @@ def measure(width: int, depth: int, batch: int, steps: list[int], fast_path: boo
         rules[f"pc-T{t}"] = PredictiveCoding(
             inference="simultaneous", inference_steps=t, inference_lr=0.1, fast_path=fast_path
         )
+        if compare_autograd:  # the general autograd path on the same step, same run
+            rules[f"pc-T{t}-ag"] = PredictiveCoding(
+                inference="simultaneous", inference_steps=t, inference_lr=0.1, fast_path=False
+            )
     timers = {name: _step_time(rule, net, x, y, repeats) for name, rule in rules.items()}
     samples: dict[str, list[float]] = {name: [] for name in rules}
     for _ in range(rounds):  # interleave, so machine noise hits every rule alike
@@ -57,7 +61,9 @@ def measure(width: int, depth: int, batch: int, steps: list[int], fast_path: boo
     bp = statistics.median(samples["bp"])
     rows = []
     for name, values in samples.items():
-        t = 1 if name == "pc-si" else (int(name.split("T")[1]) if name.startswith("pc-T") else 0)
+        t = 1 if name == "pc-si" else (
+            int(name.split("T")[1].split("-")[0]) if name.startswith("pc-T") else 0
+        )
         budget = (2 * t + 3) / 3 if name != "bp" else 1.0
         ratio = statistics.median(values) / bp
         rows.append({"width": width, "rule": name, "ms": 1e3 * statistics.median(values),
@@ -75,17 +81,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--autograd", action="store_true",
                         help="disable the closed-form Linear fast path (general autograd path)")
+    parser.add_argument("--compare-autograd", action="store_true",
+                        help="add the autograd path of each T (rows pc-T<T>-ag) to the same run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, depth {args.depth}, "
           f"batch {args.batch}, fast path {'off' if args.autograd else 'on'}")
-    print(f"{'width':>6} {'rule':>8} {'ms/step':>9} {'x backprop':>11} {'budget (2T+3)/3':>16}")
+    print(f"{'width':>6} {'rule':>10} {'ms/step':>9} {'x backprop':>11} {'budget (2T+3)/3':>16}")
     for width in args.widths:
         for row in measure(width, args.depth, args.batch, args.steps, not args.autograd,
-                           args.rounds, args.repeats):
-            print(f"{row['width']:>6} {row['rule']:>8} {row['ms']:>9.2f} {row['ratio']:>11.2f} "
+                           args.rounds, args.repeats, args.compare_autograd):
+            print(f"{row['width']:>6} {row['rule']:>10} {row['ms']:>9.2f} {row['ratio']:>11.2f} "
                   f"{row['budget']:>16.2f}")
 
 
