@@ -20,6 +20,7 @@ the figure and tables to ``docs/figures/transfer_<dataset>.png`` and
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import statistics
@@ -28,29 +29,48 @@ import time
 from pathlib import Path
 
 from lightning_local.errors import DatasetNotFoundError
-from lightning_local.sweeps import SweepConfig, log2_grid, shift_in_grid_steps, sweep
+from lightning_local.sweeps import (
+    SweepConfig,
+    best_learning_rates,
+    format_best_lr_table,
+    log2_grid,
+    shift_in_grid_steps,
+    sweep,
+)
 from lightning_local.sweeps.experiment import load_dataset
 
 RULES = ["bp", "pc-si-fpa", "pc-si", "pc-sim", "dtp"]
 
 
-def _seed_spread(records, metric: str = "train_loss") -> dict[tuple, float]:
-    """Standard deviation over seeds of ``metric`` per (rule, param, width, lr); 0 for one."""
+COMPACT = ("rule", "parametrization", "width", "lr", "seed", "train_loss", "test_loss",
+           "test_acc", "diverged", "seconds")
+
+
+def _rounded(value):
+    return float(f"{value:.5g}") if isinstance(value, float) else value
+
+
+def _standard_errors(records, metric: str = "train_loss") -> dict[tuple, float]:
+    """Standard error of the seed mean of ``metric`` per (rule, param, width, lr); 0 for one
+    seed."""
     groups: dict[tuple, list[float]] = {}
     for r in records:
         if r["diverged"]:
             continue
         key = (r["rule"], r["parametrization"], r["width"], r["lr"])
         groups.setdefault(key, []).append(r[metric])
-    return {key: statistics.stdev(v) if len(v) > 1 else 0.0 for key, v in groups.items()}
+    return {
+        key: statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else 0.0
+        for key, v in groups.items()
+    }
 
 
 def verdict(result, relative_floor: float = 0.01) -> str:
     """Plain-language summary per rule and parametrization: the shift of the best lr across
     widths, and whether a wider net is never worse than a narrower one at one fixed good lr
-    (the lr with the best mean over widths) by more than noise: twice the seeds' standard
-    deviations added in quadrature, and at least ``relative_floor`` of the loss."""
-    spread = _seed_spread(result.records)
+    (the lr with the best mean over widths) by more than noise: twice the standard error of
+    the difference of the two seed means, and at least ``relative_floor`` of the loss."""
+    spread = _standard_errors(result.records)
     lines = []
     by_pair: dict[tuple[str, str], list] = {}
     for entry in result.best:
@@ -92,17 +112,20 @@ def run(dataset: str, args: argparse.Namespace) -> None:
     result = sweep(config, output, workers=args.workers, threads=args.threads)
     wall = time.perf_counter() - start
     summary = verdict(result)
+    by_accuracy = format_best_lr_table(best_learning_rates(result.records, "test_acc"),
+                                       "test_acc")
     print(result.table + "\n\n" + summary)
     text = (
         f"# Learning-rate transfer on {dataset}\n\n"
         f"3-layer tanh MLP without biases, MSE, SGD, batch {config.batch_size}, "
         f"{config.epochs} epochs, base width {config.base_width}, seeds {list(config.seeds)}, "
         f"lr grid 2^{args.log2_lr[0]:g} .. 2^{args.log2_lr[1]:g}.\n\n"
-        f"{result.table}\n\n```\n{summary}\n```\n\n"
+        f"{result.table}\n\n```\n{summary}\n```\n\n{by_accuracy}\n\n"
         f"Summed run time {sum(r['seconds'] for r in result.records) / 60:.1f} min over "
-        f"{len(result.records)} runs (one process, 1 torch thread); "
-        f"this invocation ran {result.executed} runs in {wall / 60:.1f} min wall time "
-        f"({args.workers} worker(s)).\n"
+        f"{len(result.records)} runs (1 torch thread per process); "
+        + (f"this invocation ran {result.executed} runs in {wall / 60:.1f} min wall time "
+           f"({args.workers} worker(s)).\n" if result.executed else
+           "every run was already in results.jsonl.\n")
     )
     (output / "summary.md").write_text(text)
     if args.docs:
@@ -110,7 +133,10 @@ def run(dataset: str, args: argparse.Namespace) -> None:
         Path("docs/results").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result.plot_path, f"docs/figures/transfer_{dataset}.png")
         shutil.copyfile(output / "summary.md", f"docs/results/transfer_{dataset}.md")
-        shutil.copyfile(result.results_path, f"docs/results/transfer_{dataset}.jsonl")
+        with open(f"docs/results/transfer_{dataset}.jsonl", "w") as file:
+            for record in result.records:  # this sweep's runs, the fields the tables use
+                compact = {k: record[k] if k == "lr" else _rounded(record[k]) for k in COMPACT}
+                file.write(json.dumps(compact, separators=(",", ":")) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
