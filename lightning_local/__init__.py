@@ -9,7 +9,7 @@ A flat API over small modules, one seam each:
 - :mod:`lightning_local.data`: MNIST-1D (embedded), FashionMNIST and CIFAR-10 (local folder);
 - :mod:`lightning_local.analysis`: deep linear PC in closed form;
 - :mod:`lightning_local.distributed`, :mod:`lightning_local.callbacks`: DDP and diagnostics;
-- :mod:`lightning_local.sweep`, :mod:`lightning_local.coord_check`, :mod:`lightning_local.cli`.
+- :mod:`lightning_local.sweeps`, :mod:`lightning_local.coord_check`, :mod:`lightning_local.cli`.
 
 Names are imported on first use, so ``import lightning_local`` (and the command line) stay
 fast until torch or Lightning is needed.
@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_local.analysis import compare_updates, linear_equilibrium, pc_gram_matrix
-    from lightning_local.callbacks import LocalUpdateAlignment, LogRunConfig, local_update_cosines
+    from lightning_local.callbacks import (
+        CoordCheckCallback,
+        LocalUpdateAlignment,
+        LogRunConfig,
+        local_update_cosines,
+    )
+    from lightning_local.coord_check import CoordCheckResult, fit_slope
     from lightning_local.data import (
         CIFAR10DataModule,
         FashionMNISTDataModule,
@@ -67,6 +73,7 @@ if TYPE_CHECKING:
         reattach_base_shapes,
         set_base_shapes,
     )
+    from lightning_local.plots import plot_coord_check, plot_transfer
     from lightning_local.rules import (
         Backprop,
         InferenceResult,
@@ -76,6 +83,13 @@ if TYPE_CHECKING:
         TargetPropagation,
         TPNetwork,
         local_loss,
+    )
+    from lightning_local.sweeps import (
+        SweepConfig,
+        SweepResult,
+        best_learning_rates,
+        log2_grid,
+        sweep,
     )
 
 __version__ = "0.1.0"
@@ -88,6 +102,8 @@ _EXPORTS: dict[str, str] = {
     "CIFAR10DataModule": "lightning_local.data",
     "CNN": "lightning_local.models",
     "CheckpointError": "lightning_local.errors",
+    "CoordCheckCallback": "lightning_local.callbacks",
+    "CoordCheckResult": "lightning_local.coord_check",
     "DatasetNotFoundError": "lightning_local.errors",
     "FashionMNISTDataModule": "lightning_local.data",
     "InferenceResult": "lightning_local.rules",
@@ -109,6 +125,8 @@ _EXPORTS: dict[str, str] = {
     "SP": "lightning_local.parametrization",
     "ShapeMismatchError": "lightning_local.errors",
     "StepResult": "lightning_local.rules",
+    "SweepConfig": "lightning_local.sweeps",
+    "SweepResult": "lightning_local.sweeps",
     "TPNetwork": "lightning_local.rules",
     "TargetPropagation": "lightning_local.rules",
     "TargetPropagationModule": "lightning_local.modules",
@@ -117,8 +135,10 @@ _EXPORTS: dict[str, str] = {
     "WidthBuilder": "lightning_local.models",
     "as_blocks": "lightning_local.network",
     "base_shapes_from_builder": "lightning_local.parametrization",
+    "best_learning_rates": "lightning_local.sweeps",
     "compare_updates": "lightning_local.analysis",
     "feedforward": "lightning_local.network",
+    "fit_slope": "lightning_local.coord_check",
     "get_parametrization": "lightning_local.parametrization",
     "global_batch_sampler": "lightning_local.distributed",
     "has_base_shapes": "lightning_local.parametrization",
@@ -127,12 +147,16 @@ _EXPORTS: dict[str, str] = {
     "load_mnist1d": "lightning_local.data",
     "local_loss": "lightning_local.rules",
     "local_update_cosines": "lightning_local.callbacks",
+    "log2_grid": "lightning_local.sweeps",
     "log_figure": "lightning_local.loggers",
     "make_wandb_logger": "lightning_local.loggers",
     "pc_gram_matrix": "lightning_local.analysis",
+    "plot_coord_check": "lightning_local.plots",
+    "plot_transfer": "lightning_local.plots",
     "reattach_base_shapes": "lightning_local.parametrization",
     "set_base_shapes": "lightning_local.parametrization",
     "sum_across_processes": "lightning_local.distributed",
+    "sweep": "lightning_local.sweeps",
 }
 
 __all__ = [
@@ -143,6 +167,8 @@ __all__ = [
     "CIFAR10DataModule",
     "CNN",
     "CheckpointError",
+    "CoordCheckCallback",
+    "CoordCheckResult",
     "DatasetNotFoundError",
     "FashionMNISTDataModule",
     "InferenceResult",
@@ -164,6 +190,8 @@ __all__ = [
     "SP",
     "ShapeMismatchError",
     "StepResult",
+    "SweepConfig",
+    "SweepResult",
     "TPNetwork",
     "TargetPropagation",
     "TargetPropagationModule",
@@ -172,8 +200,10 @@ __all__ = [
     "WidthBuilder",
     "as_blocks",
     "base_shapes_from_builder",
+    "best_learning_rates",
     "compare_updates",
     "feedforward",
+    "fit_slope",
     "get_parametrization",
     "global_batch_sampler",
     "has_base_shapes",
@@ -182,12 +212,16 @@ __all__ = [
     "load_mnist1d",
     "local_loss",
     "local_update_cosines",
+    "log2_grid",
     "log_figure",
     "make_wandb_logger",
     "pc_gram_matrix",
+    "plot_coord_check",
+    "plot_transfer",
     "reattach_base_shapes",
     "set_base_shapes",
     "sum_across_processes",
+    "sweep",
 ]
 
 
