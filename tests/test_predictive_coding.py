@@ -269,3 +269,32 @@ def test_logged_final_energy_is_the_energy_at_the_inferred_states(fixed_predicti
     metrics = rule.training_loss(net, x, y).metrics
     torch.testing.assert_close(metrics["energy_after"], reference / x.shape[0])
     torch.testing.assert_close(metrics["energy_per_layer"].sum(), reference / x.shape[0])
+
+
+class _Residual(nn.Module):
+    """``x + tanh(W x)``: a block that is not a Linear(+activation)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.linear(x))
+
+
+def test_exactness_identity_with_residual_and_flatten_blocks():
+    """Any nn.Module is a block: a conv block, a bare Flatten, a residual block, a readout."""
+    torch.manual_seed(12)
+    net = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Flatten(),
+        nn.Sequential(nn.Linear(3 * 4 * 4, 10), nn.Tanh()),
+        _Residual(10),
+        nn.Linear(10, 4),
+    ).double()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    pc = PredictiveCoding("cross_entropy", output_weight=0.5)
+    pc_grads = _grads(net, pc.training_loss(net, x, y).surrogate)
+    bp_grads = _grads(net, Backprop("cross_entropy").training_loss(net, x, y).surrogate)
+    assert _max_relative(pc_grads, [0.5 * g for g in bp_grads]) < 1e-10
