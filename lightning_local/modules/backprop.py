@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from lightning_local.modules.base import LocalLearningModule
-from lightning_local.parametrization import Parametrization
 from lightning_local.rules.backprop import Backprop
 
 __all__ = ["BackpropModule"]
@@ -19,31 +16,6 @@ class BackpropModule(LocalLearningModule):
     """
 
     rule_name = "bp"
-
-    def __init__(
-        self,
-        network: nn.Module | None = None,
-        *,
-        parametrization: str | Parametrization = "sp",
-        base_width: int = 64,
-        base_shapes: str | None = None,
-        lr: float = 0.1,
-        optimizer: str = "sgd",
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        loss: str = "mse",
-    ) -> None:
-        super().__init__(
-            network,
-            parametrization=parametrization,
-            base_width=base_width,
-            base_shapes=base_shapes,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            loss=loss,
-        )
 
     def build_rule(self) -> Backprop:
         return Backprop(loss=self.loss_name)

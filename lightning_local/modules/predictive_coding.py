@@ -13,12 +13,11 @@ Inference from the feedforward states (F-ini) with the chosen schedule, then the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
 from lightning_local.modules.base import LocalLearningModule
-from lightning_local.parametrization import Parametrization
 from lightning_local.rules.predictive_coding import PredictiveCoding
 
 __all__ = ["PredictiveCodingModule"]
@@ -51,15 +50,6 @@ class PredictiveCodingModule(LocalLearningModule):
         self,
         network: nn.Module | None = None,
         *,
-        parametrization: str | Parametrization = "sp",
-        output_weight_exponent: float = 0.0,
-        base_width: int = 64,
-        base_shapes: str | None = None,
-        lr: float = 0.1,
-        optimizer: str = "sgd",
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        loss: str = "mse",
         inference: Literal["sequential", "simultaneous", "tolerance"] = "sequential",
         inference_steps: int = 1,
         inference_lr: float | Sequence[float] = 1.0,
@@ -68,19 +58,9 @@ class PredictiveCodingModule(LocalLearningModule):
         output_weight: float = 1.0,
         hidden_weights: float | Sequence[float] = 1.0,
         tolerance: float = 1e-6,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            network,
-            parametrization=parametrization,
-            output_weight_exponent=output_weight_exponent,
-            base_width=base_width,
-            base_shapes=base_shapes,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            loss=loss,
-        )
+        super().__init__(network, **kwargs)
         self.output_weight = float(output_weight)
         self._rule_settings = dict(
             inference=inference,

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_local.distributed import sum_across_processes
 from lightning_local.errors import LocalLearningError
 from lightning_local.modules.base import LocalLearningModule, _network_from_spec, network_spec
-from lightning_local.parametrization import Parametrization, set_base_shapes
+from lightning_local.parametrization import set_base_shapes
 from lightning_local.rules.target_propagation import TargetPropagation, TPNetwork
 
 __all__ = ["TargetPropagationModule"]
@@ -56,14 +56,6 @@ class TargetPropagationModule(LocalLearningModule):
         self,
         network: nn.Module | Mapping[str, Any] | None = None,
         *,
-        parametrization: str | Parametrization = "sp",
-        base_width: int = 64,
-        base_shapes: str | None = None,
-        lr: float = 0.1,
-        optimizer: str = "sgd",
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        loss: str = "mse",
         variant: Literal["tp", "dtp"] = "dtp",
         beta: float = 0.5,
         feedback: Literal["linear", "nonlinear"] = "linear",
@@ -76,18 +68,9 @@ class TargetPropagationModule(LocalLearningModule):
         layer_weights: Sequence[float] | None = None,
         compute_bp_angle: bool = False,
         input_shape: Sequence[int] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            None,
-            parametrization=parametrization,
-            base_width=base_width,
-            base_shapes=base_shapes,
-            lr=lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            loss=loss,
-        )
+        super().__init__(None, **kwargs)
         self._rule_settings = dict(
             variant=variant, beta=beta, feedback=feedback, feedback_training=feedback_training,
             ridge=ridge, ridge_noise=ridge_noise, noise_std=noise_std,
