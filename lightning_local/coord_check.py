@@ -39,7 +39,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from lightning_local.network import as_blocks, feedforward
 from lightning_local.rules.base import StepResult, rms
 from lightning_local.rules.predictive_coding import PredictiveCoding
 from lightning_local.sweeps.experiment import build_experiment, load_dataset, parse_variant
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import Logger
 
 __all__ = [
     "QUANTITIES",
@@ -329,6 +332,7 @@ def coord_check(
     zero_readout: bool = False,
     output: str | os.PathLike[str] | None = None,
     log: Any = None,
+    log_to: Logger | Iterable[Logger] | None = None,
 ) -> CoordCheckResult:
     """Run the coordinate check; with ``output`` also write ``coord_check.json``,
     ``coord_check.md`` (the slope table) and ``coord_check_<rule>.png`` per rule.
@@ -353,6 +357,10 @@ def coord_check(
             for BP and PC. A zero readout removes it and leaves the muP limit's flat slopes.
         output: folder for the JSON, the slope table and the figures.
         log: a callable receiving progress lines (``None``: silent).
+        log_to: Lightning loggers that get the settings as hyperparameters and, the
+            ``WandbLogger`` among them, the slopes at the last step as the table
+            ``tables/coord_check_slopes`` and (with ``output``) each rule's figure as the image
+            ``figures/coord_check/<rule>`` (see :mod:`lightning_local.loggers`).
     """
     widths = sorted(int(w) for w in widths)
     if len(widths) < 2:
@@ -383,24 +391,51 @@ def coord_check(
             if log is not None:
                 log(f"coord-check: {name} {param} done")
     result = CoordCheckResult(records, _slopes(records), settings)
-    if output is not None:
-        _write(result, Path(output))
+    figures = {} if output is None else _write(result, Path(output))
+    if log_to is not None:
+        _log(log_to, result, figures)
     return result
 
 
-def _write(result: CoordCheckResult, folder: Path) -> None:
+def _write(result: CoordCheckResult, folder: Path) -> dict[str, Path]:
+    """Write the JSON, the slope table and one figure per rule; return ``{rule: figure}``."""
     from lightning_local.plots import plot_coord_check
 
     folder.mkdir(parents=True, exist_ok=True)
     result.save(folder / "coord_check.json")
     (folder / "coord_check.md").write_text(result.table() + "\n")
+    figures = {}
     for rule in dict.fromkeys(r["rule"] for r in result.records):
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in rule)
-        plot_coord_check(result.records, result.slopes, folder / f"coord_check_{safe}.png", rule)
+        figures[rule] = plot_coord_check(result.records, result.slopes,
+                                         folder / f"coord_check_{safe}.png", rule)
+    return figures
+
+
+def _log(
+    loggers: Logger | Iterable[Logger], result: CoordCheckResult, figures: Mapping[str, Path]
+) -> None:
+    from lightning.pytorch.loggers import Logger
+
+    from lightning_local.loggers import log_figure, log_table
+
+    loggers = [loggers] if isinstance(loggers, Logger) else list(loggers)
+    for logger in loggers:
+        logger.log_hyperparams(result.settings)
+    for rule, path in figures.items():
+        log_figure(loggers, f"figures/coord_check/{rule}", path)
+    log_table(loggers, "tables/coord_check_slopes",
+              [s for s in result.slopes if s["step"] == result.last_step])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lightning-local coord-check``: run :func:`coord_check` from the command line."""
+    """``lightning-local coord-check``: run :func:`coord_check` from the command line.
+
+    ``--wandb`` also logs the arguments, the figures and the slope table to an offline W&B run
+    in ``<output>/wandb/``.
+    """
+    from lightning_local.loggers import add_wandb_arguments, command_wandb_run
+
     parser = argparse.ArgumentParser(
         prog="lightning-local coord-check",
         description="Per-layer rms sizes (activations, PC states/errors, TP targets, weight "
@@ -424,16 +459,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--zero-readout", action="store_true",
                         help="start the readout's weights at 0 (mup's readout_zero_init)")
     parser.add_argument("--output", default="coord_check", help="output folder")
+    add_wandb_arguments(parser)
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        result = coord_check(
-            args.rules, args.parametrizations, args.widths, steps=args.steps, lr=args.lr,
-            seeds=args.seeds, batch_size=args.batch_size, dataset=args.dataset,
-            data_dir=args.data_dir, num_samples=args.num_samples, base_width=args.base_width,
-            output_weight_exponent=args.output_weight_exponent,
-            zero_readout=args.zero_readout, output=args.output,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
-        )
+        with command_wandb_run(args, f"coord-check-{Path(args.output).name}",
+                               args.output) as log_to:
+            result = coord_check(
+                args.rules, args.parametrizations, args.widths, steps=args.steps, lr=args.lr,
+                seeds=args.seeds, batch_size=args.batch_size, dataset=args.dataset,
+                data_dir=args.data_dir, num_samples=args.num_samples,
+                base_width=args.base_width, output_weight_exponent=args.output_weight_exponent,
+                zero_readout=args.zero_readout, output=args.output,
+                log=lambda line: print(line, file=sys.stderr, flush=True), log_to=log_to,
+            )
     except LocalLearningError as error:
         print(f"lightning-local coord-check: {error}", file=sys.stderr)
         return 2

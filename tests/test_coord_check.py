@@ -14,6 +14,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import wandb
+from _wandb_run import offline_wandb, read_run
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -246,3 +248,34 @@ def test_command_line(data_dir, tmp_path, capsys):
     assert set(saved) == {"records", "slopes", "settings"}
     assert (tmp_path / "coord_check_bp.png").exists()
     assert cli.main(["coord-check", "--rules", "nope", "--output", str(tmp_path)]) == 2
+
+
+def test_wandb_flag_writes_an_offline_run_with_the_figures_slopes_and_arguments(
+    data_dir, tmp_path, capsys, monkeypatch
+):
+    offline_wandb(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    code = cli.main([
+        "coord-check", "--rules", "bp", "pc-si", "--parametrizations", "mup", "--widths", "8",
+        "16", "--steps", "1", "--batch-size", "16", "--num-samples", "200", "--data-dir",
+        data_dir, "--output", str(out), "--wandb",
+    ])
+    assert code == 0
+    wandb.teardown()  # stops the wandb service, which writes the run file to its end
+    (run_dir,) = out.glob("wandb/offline-run-*")
+    assert f"wandb sync {run_dir}" in capsys.readouterr().err
+    config, history = read_run(out)
+    assert config["arguments"]["rules"] == ["bp", "pc-si"] and config["arguments"]["wandb"]
+    assert config["widths"] == [8, 16] and config["steps"] == 1
+    for rule in ("bp", "pc-si"):  # each rule's image is its coord_check_<rule>.png
+        key = f"figures/coord_check/{rule}"
+        (row,) = [row for row in history if f"{key}/_type" in row]
+        (image,) = row[f"{key}/filenames"]
+        expected = (out / f"coord_check_{rule}.png").read_bytes()
+        assert (run_dir / "files" / image).read_bytes() == expected
+    # the slope table holds the slopes of coord_check.json at the last step
+    (table,) = [row for row in history if "tables/coord_check_slopes/path" in row]
+    saved = json.loads((run_dir / "files" / table["tables/coord_check_slopes/path"]).read_text())
+    rows = [dict(zip(saved["columns"], row)) for row in saved["data"]]
+    slopes = json.loads((out / "coord_check.json").read_text())["slopes"]
+    assert rows == [s for s in slopes if s["step"] == 1] and len(rows) > 0

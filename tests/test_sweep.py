@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+import wandb
+from _wandb_run import offline_wandb, read_run
 
 from lightning_local import cli
 from lightning_local.errors import LocalLearningError
@@ -244,3 +246,33 @@ def test_command_line(tmp_path, capsys):
     assert len(read_results(tmp_path / "out" / "results.jsonl")) == 8
     assert (tmp_path / "out" / "transfer.png").exists()
     assert cli.main(["sweep", "--rules", "nope", "--output", str(tmp_path / "x")]) == 2
+
+
+def test_wandb_flag_writes_an_offline_run_with_the_figure_table_and_arguments(
+    tmp_path, capsys, monkeypatch
+):
+    offline_wandb(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    args = ["--rules", "bp", "--parametrizations", "mup", "--widths", "8", "16",
+            "--lrs", "0.05", "0.1", "--steps", "2", "--num-samples", "200", "--batch-size", "32",
+            "--base-width", "8", "--data-dir", str(tmp_path / "data"), "--output", str(out),
+            "--quiet", "--wandb", "--wandb-project", "test"]
+    assert cli.main(["sweep", *args]) == 0
+    wandb.teardown()  # stops the wandb service, which writes the run file to its end
+    (run_dir,) = out.glob("wandb/offline-run-*")
+    assert f"wandb sync {run_dir}" in capsys.readouterr().err
+    config, history = read_run(out)
+    assert config["arguments"]["widths"] == [8, 16] and config["arguments"]["wandb"] is True
+    assert config["lrs"] == [0.05, 0.1] and config["metric"] == "train_loss"
+    # the image is transfer.png itself
+    (figure,) = [row for row in history if "figures/transfer/_type" in row]
+    (image,) = figure["figures/transfer/filenames"]
+    assert (run_dir / "files" / image).read_bytes() == (out / "transfer.png").read_bytes()
+    # the table holds the best lr per width of results.jsonl
+    (table,) = [row for row in history if row.get("tables/best_lr/_type") == "table-file"]
+    saved = json.loads((run_dir / "files" / table["tables/best_lr/path"]).read_text())
+    rows = [dict(zip(saved["columns"], row)) for row in saved["data"]]
+    best = best_learning_rates(read_results(out / "results.jsonl"))
+    assert [(r["rule"], r["parametrization"], r["width"], r["lr"]) for r in rows] == [
+        (b.rule, b.parametrization, b.width, b.lr) for b in best
+    ]

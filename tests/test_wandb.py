@@ -1,14 +1,11 @@
 """W&B: an offline run holds the per-layer metrics, the config with base shapes and figures.
 
-The offline run is read back from its ``.wandb`` file: a LevelDB-style log (32 KiB blocks,
-7-byte record headers: crc32, length, type) of ``wandb_internal_pb2.Record`` protobufs behind
-a 7-byte ``:W&B`` file header.
+The offline run is read back from its ``.wandb`` file (``_wandb_run.read_run``).
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +13,7 @@ import matplotlib
 import pytest
 import torch
 import wandb
+from _wandb_run import offline_wandb, read_run
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -30,55 +28,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 WIDTH, BASE_WIDTH, DEPTH, STEPS, INFERENCE_STEPS = 32, 16, 3, 3, 3
 
 
-def _records(path: Path) -> list:
-    from wandb.proto import wandb_internal_pb2
-
-    data, block = path.read_bytes(), 32768
-    assert data[:4] == b":W&B"
-    records, pending, position = [], b"", 7
-    while position + 7 <= len(data):
-        if block - position % block < 7:  # a block's tail too short for a header is padding
-            position += block - position % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        if kind == 0:
-            break
-        pending += data[position + 7:position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):  # FULL or LAST: a whole record
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def _read_run(folder: Path) -> tuple[dict, list[dict]]:
-    """The config (last value per key) and the history rows of the only offline run."""
-    (path,) = folder.glob("wandb/offline-run-*/run-*.wandb")
-    config, history = {}, []
-    for record in _records(path):
-        kind = record.WhichOneof("record_type")
-        # config updates made while the run starts are sent inside its run record
-        updates = {"config": record.config, "run": record.run.config}.get(kind)
-        if updates is not None:
-            config.update({item.key: json.loads(item.value_json) for item in updates.update})
-        elif kind == "history":
-            history.append({
-                item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                for item in record.history.item
-            })
-    return config, history
-
-
 @pytest.fixture
 def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    return tmp_path
+    return offline_wandb(tmp_path, monkeypatch)
 
 
 def _trainer(logger, callbacks) -> L.Trainer:
@@ -111,7 +63,7 @@ def test_offline_run_holds_per_layer_metrics_config_with_base_shapes_and_figures
     logger.experiment.finish()
     wandb.teardown()  # stops the wandb service, which writes the run file to its end
 
-    config, history = _read_run(offline)
+    config, history = read_run(offline)
     # config: the rule's settings and one base-shape row per parameter
     assert config["rule"] == json.loads(json.dumps(module.rule.hparams()))
     assert config["parametrization"] == "mup" and config["base_width"] == BASE_WIDTH
@@ -155,6 +107,7 @@ def test_make_wandb_logger_is_offline_by_default_and_disabled_writes_nothing(tmp
     assert isinstance(logger, WandbLogger)
     module = PredictiveCodingModule(MLP(width=16, depth=DEPTH))
     _trainer(logger, [LogRunConfig()]).fit(module, _data())
+    logger.experiment.finish()  # a run left open would be reused by later loggers
     assert not (tmp_path / "b" / "wandb").exists()
 
 

@@ -3,7 +3,9 @@
     lightning-local sweep --rules bp pc-si dtp --widths 64 256 1024 --log2-lr -8 1 \\
         --epochs 5 --output runs/transfer
 
-Rerunning the same command skips the runs already in ``<output>/results.jsonl``.
+Rerunning the same command skips the runs already in ``<output>/results.jsonl``. With
+``--wandb`` the arguments, ``transfer.png`` and the best-lr table also go to an offline W&B run
+in ``<output>/wandb/`` (``wandb sync <run folder>`` uploads it).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning_local.errors import LocalLearningError
+from lightning_local.loggers import add_wandb_arguments, command_wandb_run
 from lightning_local.sweeps.experiment import RULE_VARIANTS
 from lightning_local.sweeps.results import METRICS
 from lightning_local.sweeps.runner import SweepConfig, log2_grid, sweep
@@ -71,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="what the best lr optimizes")
     run.add_argument("--no-plot", action="store_true")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_wandb_arguments(parser)
     return parser
 
 
@@ -92,11 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             momentum=args.momentum, output_weight_exponent=args.output_weight_exponent,
             zero_readout=args.zero_readout,
         )
-        result = sweep(
-            config, args.output, workers=args.workers, threads=args.threads,
-            metric=args.metric, plot=not args.no_plot,
-            log=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
-        )
+        with command_wandb_run(args, f"sweep-{Path(args.output).name}", args.output) as log_to:
+            result = sweep(
+                config, args.output, workers=args.workers, threads=args.threads,
+                metric=args.metric, plot=not args.no_plot,
+                log=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
+                log_to=log_to,
+            )
     except LocalLearningError as error:
         print(f"lightning-local sweep: {error}", file=sys.stderr)
         return 2

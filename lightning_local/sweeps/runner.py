@@ -20,11 +20,11 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,9 @@ from lightning_local.sweeps.results import (
     repair_results,
     run_key,
 )
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import Logger
 
 __all__ = ["SweepConfig", "SweepResult", "sweep", "train_run", "log2_grid"]
 
@@ -315,6 +318,7 @@ def sweep(
     metric: str = "train_loss",
     plot: bool = True,
     log: Callable[[str], None] | None = _stderr,
+    log_to: Logger | Iterable[Logger] | None = None,
 ) -> SweepResult:
     """Run every run of ``config`` not yet in ``<output>/results.jsonl``; write the table and
     ``transfer.png``; return a :class:`SweepResult`.
@@ -328,6 +332,9 @@ def sweep(
             ``"test_acc"``/``"train_acc"`` (highest) or ``"test_loss"``.
         plot: write ``transfer.png``.
         log: where progress lines go (``None``: silent).
+        log_to: Lightning loggers that get the config and ``metric`` as hyperparameters and,
+            the ``WandbLogger`` among them, ``transfer.png`` as the image ``figures/transfer``
+            and the best lrs as the table ``tables/best_lr`` (see :mod:`lightning_local.loggers`).
     """
     if workers < 1:
         raise LocalLearningError(f"workers must be >= 1, got {workers}.")
@@ -385,8 +392,31 @@ def sweep(
         from lightning_local.plots import plot_transfer
 
         plot_path = plot_transfer(records, folder / "transfer.png", metric=metric)
+    if log_to is not None:
+        _log_sweep(log_to, config, metric, best, plot_path)
     return SweepResult(records, best, table, len(pending), skipped, seconds, run_seconds,
                        results_path, plot_path, table_path)
+
+
+def _log_sweep(
+    loggers: Logger | Iterable[Logger], config: SweepConfig, metric: str,
+    best: Sequence[BestLR], plot_path: Path | None,
+) -> None:
+    from lightning.pytorch.loggers import Logger
+
+    from lightning_local.loggers import log_figure, log_table
+
+    loggers = [loggers] if isinstance(loggers, Logger) else list(loggers)
+    for logger in loggers:
+        logger.log_hyperparams({**asdict(config), "metric": metric})
+    if plot_path is not None:
+        log_figure(loggers, "figures/transfer", plot_path)
+    log_table(loggers, "tables/best_lr", [
+        dict(rule=b.rule, parametrization=b.parametrization, width=b.width, lr=b.lr,
+             log2_lr=b.log2_lr, score=b.score if math.isfinite(b.score) else None,
+             at_edge=b.at_edge)
+        for b in best
+    ])
 
 
 def _run_parallel(
