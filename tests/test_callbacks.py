@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
+from _capture_logger import CaptureLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,29 +24,6 @@ from lightning_local.modules import BackpropModule, PredictiveCodingModule
 from lightning_local.network import as_blocks, feedforward
 from lightning_local.rules import PredictiveCoding
 from lightning_local.rules.target_propagation import TargetPropagation
-
-
-class _Capture(Logger):
-    """Keeps what Lightning logs, in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hyperparams: dict[str, Any] = {}
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        self.hyperparams.update(dict(params))
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append((step, dict(metrics)))
 
 
 def _batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +100,7 @@ def test_alignment_callback_logs_every_n_steps_and_does_not_change_training():
             MLP(width=16), inference="simultaneous", inference_steps=3, inference_lr=0.2
         )
 
-    watched, plain, logger = module(), module(), _Capture()
+    watched, plain, logger = module(), module(), CaptureLogger()
     _fit(watched, 4, [LocalUpdateAlignment(every_n_steps=2)], logger)
     _fit(plain, 4, [])
     for p, q in zip(watched.parameters(), plain.parameters()):
@@ -138,7 +115,7 @@ def test_alignment_callback_rejects_bad_settings():
 
 
 def test_run_config_under_sp_has_plain_shapes_and_the_optimizer_lr():
-    module, logger = BackpropModule(MLP(width=16), lr=0.05), _Capture()
+    module, logger = BackpropModule(MLP(width=16), lr=0.05), CaptureLogger()
     _fit(module, 1, [LogRunConfig()], logger)
     table = logger.hyperparams["base_shape_table"]
     for name, p in module.network_for_rule().named_parameters():

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
 
 import lightning as L
 import pytest
 import torch
 import wandb
+from _capture_logger import CaptureLogger
 from _wandb_run import offline_wandb, read_run
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -175,32 +174,13 @@ def test_coord_check_argument_errors(data_dir):
         coord_check(["bp"], widths=[8, 16], steps=0)
 
 
-class _Capture(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-
 def test_callback_logs_every_layer_to_the_logger():
     torch.manual_seed(0)
     module = PredictiveCodingModule(network=MLP(width=16, bias=False), parametrization="mup",
                                     base_width=8, lr=0.05)
     x, y = torch.randn(48, 40), torch.randint(0, 10, (48,))
-    logger, callback = _Capture(), CoordCheckCallback(every_n_steps=1, max_steps=3, probe_size=8)
+    logger = CaptureLogger()
+    callback = CoordCheckCallback(every_n_steps=1, max_steps=3, probe_size=8)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=4, logger=logger, callbacks=[callback],
         log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
