@@ -394,3 +394,12 @@ def test_tp_learns_features_with_clt_readout_alignment(optimizer):
     for layer in range(3):
         dh = [r["delta_h_rms"][layer] for r in measured["tp"]]
         assert abs(example.fitted_slope(widths, dh)) < 0.2, dh
+
+
+def test_total_local_loss_is_the_sum_of_the_per_layer_local_losses():
+    torch.manual_seed(0)
+    rule = TargetPropagation(variant="dtp", feedback_training="ridge")
+    network = rule.build_network(MLP(in_features=5, width=16, num_classes=3, depth=3))
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    metrics = rule.training_loss(network, x, y).metrics
+    torch.testing.assert_close(metrics["local_loss_total"], metrics["local_loss"].sum())

@@ -50,7 +50,7 @@ class TargetPropagationModule(LocalLearningModule):
     """
 
     rule_name = "tp"
-    progress_bar_metrics = ("feedback_loss",)
+    progress_bar_metrics = ("local_loss_total", "feedback_loss")
 
     def __init__(
         self,

@@ -385,6 +385,8 @@ class TargetPropagation(LocalRule):
                 w * 0.5 * (tau - h).pow(2).sum() / batch
                 for w, tau, h in zip(weights, layer_targets, activations[1:])
             ]),
+            # the forward local losses summed: TP's counterpart of PC's energy
+            "local_loss_total": forward_loss.detach(),
             "reconstruction_error": torch.stack(errors),
             "target_norm": torch.stack([rms(tau) for tau in layer_targets]),
         }
