@@ -47,3 +47,20 @@ def test_linearization_leaves_no_parameter_gradients():
     result = linearize(block, torch.randn(2, 3))
     result.pullback(torch.ones(2, 3))
     assert all(p.grad is None for p in block.parameters())
+
+
+def test_tracked_output_carries_the_parameter_graph_only():
+    torch.manual_seed(2)
+    block = nn.Sequential(nn.Linear(5, 4), nn.Tanh()).double()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    result = linearize(block, x, track_parameters=True)
+    torch.testing.assert_close(result.output.detach(), result.prediction)
+    grads = torch.autograd.grad(
+        result.output.sum(), list(block.parameters()), retain_graph=True
+    )
+    reference = torch.autograd.grad(block(x.detach()).sum(), list(block.parameters()))
+    for got, want in zip(grads, reference):
+        torch.testing.assert_close(got, want)
+    result.output.sum().backward()
+    assert x.grad is None  # no graph back to the input
+    assert linearize(block, x).output is None

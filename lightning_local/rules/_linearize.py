@@ -33,13 +33,18 @@ _DERIVATIVE_FROM_OUTPUT: dict[type[nn.Module], Callable[[Tensor], Tensor] | None
 
 
 class Linearization:
-    """``mu = f(x)`` with its pullback ``J^T``; ``mu`` carries no autograd graph."""
+    """``mu = f(x)`` with its pullback ``J^T``; ``mu`` carries no autograd graph.
 
-    __slots__ = ("prediction", "pullback")
+    ``output`` is the same ``f(x)`` with a graph to the block's parameters (not to ``x``) when
+    it was asked for and comes for free, else ``None``.
+    """
 
-    def __init__(self, prediction: Tensor, pullback: Pullback) -> None:
+    __slots__ = ("prediction", "pullback", "output")
+
+    def __init__(self, prediction: Tensor, pullback: Pullback, output: Tensor | None = None):
         self.prediction = prediction
         self.pullback = pullback
+        self.output = output
 
 
 def _affine_parts(block: nn.Module) -> tuple[nn.Linear, nn.Module | None] | None:
@@ -63,20 +68,22 @@ def supports_fast_path(block: nn.Module) -> bool:
     return _affine_parts(block) is not None
 
 
-def _linearize_affine(linear: nn.Linear, activation: nn.Module | None, x: Tensor) -> Linearization:
+def _linearize_affine(
+    linear: nn.Linear, activation: nn.Module | None, x: Tensor, track_parameters: bool
+) -> Linearization:
     weight = linear.weight.detach()
-    bias = None if linear.bias is None else linear.bias.detach()
-    prediction = F.linear(x, weight, bias)
-    derivative = None
-    if activation is not None:
-        prediction = activation(prediction)
-        derivative = _DERIVATIVE_FROM_OUTPUT[type(activation)]
+    with torch.set_grad_enabled(track_parameters):
+        output = F.linear(x.detach(), linear.weight, linear.bias)
+        if activation is not None:
+            output = activation(output)
+    prediction = output.detach()
+    derivative = None if activation is None else _DERIVATIVE_FROM_OUTPUT[type(activation)]
     slope = None if derivative is None else derivative(prediction)
 
     def pullback(v: Tensor) -> Tensor:
         return (v if slope is None else v * slope) @ weight
 
-    return Linearization(prediction, pullback)
+    return Linearization(prediction, pullback, output if track_parameters else None)
 
 
 def _linearize_autograd(block: nn.Module, x: Tensor) -> Linearization:
@@ -91,10 +98,16 @@ def _linearize_autograd(block: nn.Module, x: Tensor) -> Linearization:
     return Linearization(output.detach(), pullback)
 
 
-def linearize(block: nn.Module, x: Tensor, fast_path: bool = True) -> Linearization:
-    """Linearize ``block`` at ``x``: closed form where supported and allowed, else autograd."""
+def linearize(
+    block: nn.Module, x: Tensor, fast_path: bool = True, track_parameters: bool = False
+) -> Linearization:
+    """Linearize ``block`` at ``x``: closed form where supported and allowed, else autograd.
+
+    With ``track_parameters`` the closed form also keeps ``output``, ``f(x)`` with a graph to
+    the parameters, so a weight update at this point needs no second forward pass.
+    """
     parts = _affine_parts(block) if fast_path else None
     if parts is not None:
         with torch.no_grad():
-            return _linearize_affine(parts[0], parts[1], x)
+            return _linearize_affine(parts[0], parts[1], x, track_parameters)
     return _linearize_autograd(block, x)

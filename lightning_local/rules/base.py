@@ -59,6 +59,7 @@ def local_losses(
     layer_inputs: Sequence[Tensor],
     layer_targets: Sequence[Tensor],
     layer_weights: Sequence[float],
+    predictions: Sequence[Tensor | None] | None = None,
 ) -> list[Tensor]:
     """Weighted local losses, one per block, with detached inputs and targets.
 
@@ -66,15 +67,20 @@ def local_losses(
     ``tau_l`` = ``layer_targets[l]`` (both detached). Its gradient w.r.t. block ``l``'s
     parameters is ``-(w_l / B) (d f_l / d theta_l)^T (tau_l - f_l(z_{l-1}))``: the local update
     shared by predictive coding (``tau_l = x_l``, ``w_l = gamma_l``) and target propagation.
-    A block whose weight is 0 is not run and contributes a zero.
+    A block whose weight is 0 is not run and contributes a zero. ``predictions[l]``, where
+    given, is ``f_l(z_{l-1})`` already computed with its graph to the parameters.
     """
     batch = layer_inputs[0].shape[0]
+    known = list(predictions) if predictions is not None else [None] * len(blocks)
     losses = []
-    for block, z, tau, weight in zip(blocks, layer_inputs, layer_targets, layer_weights):
+    for block, z, tau, weight, prediction in zip(
+        blocks, layer_inputs, layer_targets, layer_weights, known
+    ):
         if weight == 0:
             losses.append(z.new_zeros(()))
             continue
-        prediction = block(z.detach())
+        if prediction is None:
+            prediction = block(z.detach())
         losses.append((weight / (2 * batch)) * (tau.detach() - prediction).pow(2).sum())
     return losses
 

@@ -70,6 +70,8 @@ class InferenceResult:
         steps: inference steps (sweeps for SI) actually taken.
         energy_trace: ``F`` before each step, then after the last (tolerance schedule only).
         energy_per_layer: the terms of ``energy_after``, one per block (batch sums).
+        feedforward_outputs: ``f_l(h_{l-1})`` with a graph to the parameters, per block, where
+            the closed form kept it (for the FPA weight update; ``None`` otherwise).
     """
 
     states: list[Tensor]
@@ -79,6 +81,7 @@ class InferenceResult:
     steps: int
     energy_trace: list[float] = field(default_factory=list)
     energy_per_layer: Tensor | None = None
+    feedforward_outputs: list[Tensor | None] | None = field(default=None, repr=False)
 
 
 def _scaled(value: Tensor, factor: float) -> Tensor:
@@ -233,11 +236,21 @@ class PredictiveCoding(LocalRule):
         With ``final_energy=False`` the energy at the final states is not computed
         (``energy_after`` is then ``energy_before`` and ``energy_per_layer`` is ``None``).
         """
+        return self._run(network, inputs, targets, final_energy, keep_outputs=False)
+
+    def _run(
+        self,
+        network: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        final_energy: bool,
+        keep_outputs: bool,
+    ) -> InferenceResult:
         blocks = as_blocks(network)
         with torch.inference_mode(False), torch.no_grad():
             if inputs.is_inference():  # validation data: autograd may not touch it
                 inputs = inputs.clone()
-            return self._infer(blocks, inputs, targets, final_energy)
+            return self._infer(blocks, inputs, targets, final_energy, keep_outputs)
 
     def _infer(
         self,
@@ -245,11 +258,13 @@ class PredictiveCoding(LocalRule):
         inputs: Tensor,
         targets: Tensor,
         final_energy: bool = True,
+        keep_outputs: bool = False,
     ) -> InferenceResult:
         hidden = len(blocks) - 1
         gammas = self._gammas(hidden)
         kappas = _per_layer(self.inference_lr, hidden, "inference_lr")
-        maps, feedforward = self._linearize_all(blocks, [inputs], extend=True)
+        maps, feedforward = self._linearize_all(blocks, [inputs], extend=True, track=keep_outputs)
+        outputs = [m.output for m in maps] if keep_outputs else None
         targets = self.loss.target_matrix(feedforward[-1], targets)  # one-hot once, not per step
         states = [inputs] + [h.clone() for h in feedforward[1:-1]]  # moved in place below
         energy_before = gammas[-1] * self.loss.per_sample_sum(feedforward[-1], targets)
@@ -290,10 +305,13 @@ class PredictiveCoding(LocalRule):
                         break
                     previous = current
         if not final_energy:  # the caller gets it from its own forward pass at the states
-            return InferenceResult(states, feedforward, energy_before, energy_before, steps, trace)
+            return InferenceResult(
+                states, feedforward, energy_before, energy_before, steps, trace, None, outputs
+            )
         energy_terms = self._energy_terms(blocks, states, targets)
         return InferenceResult(
-            states, feedforward, energy_before, energy_terms.sum(), steps, trace, energy_terms
+            states, feedforward, energy_before, energy_terms.sum(), steps, trace, energy_terms,
+            outputs,
         )
 
     def _warn_energy_rise(self, step: int, previous: float, current: float) -> None:
@@ -308,14 +326,18 @@ class PredictiveCoding(LocalRule):
             )
 
     def _linearize_all(
-        self, blocks: Sequence[nn.Module], states: list[Tensor], extend: bool = False
+        self,
+        blocks: Sequence[nn.Module],
+        states: list[Tensor],
+        extend: bool = False,
+        track: bool = False,
     ) -> tuple[list[Linearization], list[Tensor]]:
         """Linearize every block at its input; with ``extend`` run the feedforward pass too."""
         maps: list[Linearization] = []
         activations = states if extend else list(states)
         for index, block in enumerate(blocks):
             with shape_errors(index, block, activations[index]):
-                maps.append(linearize(block, activations[index], self.fast_path))
+                maps.append(linearize(block, activations[index], self.fast_path, track))
             if extend:
                 activations.append(maps[-1].prediction)
         return maps, activations
@@ -364,8 +386,13 @@ class PredictiveCoding(LocalRule):
         blocks = as_blocks(network)
         gammas = self._gammas(len(blocks) - 1)
         inputs = inference.feedforward[:-1] if self.fixed_prediction else inference.states
-        terms = local_losses(blocks[:-1], inputs[:-1], inference.states[1:], gammas[:-1])
-        prediction = blocks[-1](inputs[-1].detach())
+        # with FPA the predictions are the feedforward pass's, kept with their graph if we can
+        known = inference.feedforward_outputs if self.fixed_prediction else None
+        known = known or [None] * len(blocks)
+        terms = local_losses(
+            blocks[:-1], inputs[:-1], inference.states[1:], gammas[:-1], known[:-1]
+        )
+        prediction = known[-1] if known[-1] is not None else blocks[-1](inputs[-1].detach())
         terms.append(gammas[-1] * self.loss.mean(prediction, targets))
         terms = torch.stack(terms)
         return terms.sum(), terms
@@ -373,7 +400,9 @@ class PredictiveCoding(LocalRule):
     def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
         # without FPA the surrogate's forward pass is at the final states: it gives the final
         # energy, so inference skips computing it
-        inference = self.infer(network, inputs, targets, final_energy=self.fixed_prediction)
+        inference = self._run(
+            network, inputs, targets, self.fixed_prediction, keep_outputs=self.fixed_prediction
+        )
         surrogate, terms = self.weight_loss(network, inference, targets)
         check_finite(surrogate, "the predictive-coding energy")
         batch = inputs.shape[0]
