@@ -179,8 +179,14 @@ class PredictiveCoding(LocalRule):
         self, blocks: Sequence[nn.Module], states: Sequence[Tensor], targets: Tensor
     ) -> Tensor:
         """Per-layer energies ``[(gamma_l/2)||eps_l||^2 .., gamma_L sum_b loss]`` (batch sums)."""
-        gammas = self._gammas(len(states) - 1)
         predictions = [block(x) for block, x in zip(blocks, states)]
+        return self._terms(states, predictions, targets)
+
+    def _terms(
+        self, states: Sequence[Tensor], predictions: Sequence[Tensor], targets: Tensor
+    ) -> Tensor:
+        """The energy's terms from predictions ``mu_l = f_l(x_{l-1})`` already computed."""
+        gammas = self._gammas(len(states) - 1)
         terms = [
             0.5 * gamma * (x - mu).pow(2).sum()
             for gamma, x, mu in zip(gammas, states[1:], predictions[:-1])
@@ -271,6 +277,7 @@ class PredictiveCoding(LocalRule):
         velocity: list[Tensor | None] = [None] * hidden
         trace: list[float] = []
         steps = 0
+        terms: Tensor | None = None  # the energy's terms at the current states, when known
 
         def move(layer: int, grad: Tensor) -> None:
             if self.state_momentum:
@@ -291,28 +298,42 @@ class PredictiveCoding(LocalRule):
             for step in range(1, self.inference_steps + 1):
                 if step > 1:
                     maps, _ = self._linearize_all(blocks, states)
+                    if self.inference == "tolerance":
+                        # the energy after the last step, from this step's predictions
+                        terms = self._terms(states, [m.prediction for m in maps], targets)
+                        current = float(terms.sum())
+                        trace.append(current)
+                        if self._converged(step - 1, previous, current):
+                            break
+                        previous = current
                 grads = self._grads(states, maps, targets, gammas)
                 for layer in range(1, hidden + 1):
                     move(layer, grads[layer - 1])
-                steps = step
-                if self.inference == "tolerance":
-                    current = float(self._energy_terms(blocks, states, targets).sum())
-                    trace.append(current)
-                    decrease = previous - current
-                    if decrease < 0:  # a rise is instability, never convergence
-                        self._warn_energy_rise(step, previous, current)
-                    elif decrease <= self.tolerance * max(abs(previous), 1e-30):
-                        break
-                    previous = current
+                steps, terms = step, None
+            if self.inference == "tolerance" and steps and terms is None:  # ran to the cap
+                terms = self._energy_terms(blocks, states, targets)
+                trace.append(float(terms.sum()))
+                self._converged(steps, previous, trace[-1])
         if not final_energy:  # the caller gets it from its own forward pass at the states
             return InferenceResult(
                 states, feedforward, energy_before, energy_before, steps, trace, None, outputs
             )
-        energy_terms = self._energy_terms(blocks, states, targets)
+        if terms is None:
+            terms = self._energy_terms(blocks, states, targets)
         return InferenceResult(
-            states, feedforward, energy_before, energy_terms.sum(), steps, trace, energy_terms,
-            outputs,
+            states, feedforward, energy_before, terms.sum(), steps, trace, terms, outputs
         )
+
+    def _converged(self, step: int, previous: float, current: float) -> bool:
+        """Whether step ``step`` lowered the energy by less than ``tolerance`` (relative).
+
+        A rise is instability, never convergence: it warns once and inference goes on.
+        """
+        decrease = previous - current
+        if decrease < 0:
+            self._warn_energy_rise(step, previous, current)
+            return False
+        return decrease <= self.tolerance * max(abs(previous), 1e-30)
 
     def _warn_energy_rise(self, step: int, previous: float, current: float) -> None:
         if not self._warned_energy_rise:
