@@ -21,11 +21,6 @@ OWN_CONFIGS = ["bp_sp", "bp_mup", "pc_si_sp", "pc_si_mup", "pc_t_sp", "pc_t_mup"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("data"))
-
-
 def _small_data(data_dir: str) -> list[str]:
     return ["--data.init_args.data_dir", data_dir, "--data.init_args.num_samples", "300"]
 

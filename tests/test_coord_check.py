@@ -39,11 +39,6 @@ from lightning_local.rules.predictive_coding import PredictiveCoding
 from lightning_local.rules.target_propagation import TargetPropagation
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("data"))
-
-
 def _rms(x: torch.Tensor) -> float:
     return float(x.detach().double().pow(2).mean().sqrt())
 

@@ -8,47 +8,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
+from _module_fixtures import BASE
+from _module_fixtures import data as _data
+from _module_fixtures import loader as _loader
+from _module_fixtures import mlp as _mlp
+from _module_fixtures import mse as _mse
+from _module_fixtures import trainer as _trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_local.errors import LocalLearningError
 from lightning_local.models import MLP
 from lightning_local.modules.backprop import BackpropModule
 from lightning_local.modules.target_propagation import TargetPropagationModule
 from lightning_local.rules.target_propagation import TPNetwork
-
-IN, CLASSES, WIDTH, BASE = 8, 3, 32, 16
-
-
-def _data(n: int = 48, seed: int = 0) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, IN, generator=generator)
-    return TensorDataset(x, (x @ torch.randn(IN, CLASSES, generator=generator)).argmax(1))
-
-
-def _loader(n: int = 48, batch_size: int = 16) -> DataLoader:
-    return DataLoader(_data(n), batch_size=batch_size, shuffle=False)
-
-
-def _mlp(width: int = WIDTH, seed: int = 0) -> MLP:
-    torch.manual_seed(seed)
-    return MLP(in_features=IN, width=width, num_classes=CLASSES, depth=3)
-
-
-def _trainer(tmp_path: Path | None = None, **kwargs) -> L.Trainer:
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    if tmp_path is not None:
-        options["default_root_dir"] = tmp_path
-    options.update(kwargs)
-    return L.Trainer(**options)
-
-
-def _mse(model: torch.nn.Module, dataset: TensorDataset) -> float:
-    x, y = dataset.tensors
-    with torch.no_grad():
-        return float(0.5 * (model(x) - F.one_hot(y, CLASSES)).pow(2).sum(1).mean())
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,15 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _module_fixtures import BASE, CLASSES, IN, WIDTH
+from _module_fixtures import data as _data
+from _module_fixtures import loader as _loader
+from _module_fixtures import mlp as _mlp
+from _module_fixtures import mse as _mse
+from _module_fixtures import trainer as _trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,50 +29,7 @@ from lightning_local.modules import BackpropModule, LocalLearningModule, Predict
 from lightning_local.modules.checkpoint import AtomicCheckpointIO, save_atomically
 from lightning_local.parametrization import set_base_shapes
 
-IN, CLASSES, WIDTH, BASE = 8, 3, 32, 16
-
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "convert_existing_project.py"
-
-
-def _data(n: int = 48, seed: int = 0) -> TensorDataset:
-    """A tiny separable problem: labels from a random linear teacher."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, IN, generator=generator)
-    teacher = torch.randn(IN, CLASSES, generator=generator)
-    return TensorDataset(x, (x @ teacher).argmax(1))
-
-
-def _loader(n: int = 48, batch_size: int = 16) -> DataLoader:
-    return DataLoader(_data(n), batch_size=batch_size, shuffle=False)
-
-
-def _mlp(width: int = WIDTH, seed: int = 0) -> MLP:
-    torch.manual_seed(seed)
-    return MLP(in_features=IN, width=width, num_classes=CLASSES, depth=3)
-
-
-def _trainer(tmp_path: Path | None = None, **kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    if tmp_path is not None:
-        options["default_root_dir"] = tmp_path
-    options.update(kwargs)
-    return L.Trainer(**options)
-
-
-def _mse(model: nn.Module, dataset: TensorDataset) -> float:
-    """Reference MSE loss 1/2 ||f - onehot(y)||^2, batch mean, computed with plain torch."""
-    x, y = dataset.tensors
-    with torch.no_grad():
-        f = model(x)
-    return float(0.5 * (f - F.one_hot(y, CLASSES).float()).pow(2).sum(1).mean())
 
 
 def _infshape(p: torch.Tensor) -> list[tuple[int | None, int]]:

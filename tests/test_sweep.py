@@ -31,12 +31,6 @@ from lightning_local.sweeps import (
 from lightning_local.sweeps.results import RECORD_FIELDS, append_result, repair_results
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    """One MNIST-1D cache (200 signals) for the whole file."""
-    return str(tmp_path_factory.mktemp("data"))
-
-
 @pytest.fixture
 def tmp_path(tmp_path, data_dir):
     tmp_path.joinpath("data").symlink_to(data_dir)
