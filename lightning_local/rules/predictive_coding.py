@@ -433,18 +433,20 @@ class PredictiveCoding(LocalRule):
         output = inference.feedforward[-1]
         errors = [x - h for x, h in zip(inference.states[1:], inference.feedforward[1:-1])]
         # ||eps_l||^2 = 2 F_l / gamma_l for the hidden terms F_l of the final energy
-        gammas = torch.tensor(self._gammas(len(errors))[:-1], dtype=output.dtype)
-        sizes = torch.tensor([x[0].numel() * batch for x in inference.states[1:]],
-                             dtype=output.dtype)
-        hidden_terms = inference.energy_per_layer.detach()[:-1].cpu()
-        error_rms = (2 * hidden_terms / (gammas.clamp_min(1e-30) * sizes)).sqrt()
+        # built on the energy's device: no host round trip in the training step
+        scale = torch.tensor(
+            [2 / (max(g, 1e-30) * x.numel()) for g, x in
+             zip(self._gammas(len(errors))[:-1], inference.states[1:])],
+            dtype=output.dtype, device=output.device,
+        )
+        error_rms = (inference.energy_per_layer.detach()[:-1] * scale).sqrt()
         metrics = {
             "energy_before": inference.energy_before.detach() / batch,
             "energy_after": check_finite(inference.energy_after, "the energy after inference")
             / batch,
             "inference_steps": torch.tensor(float(inference.steps)),
             "state_update_rms": torch.stack([rms(e) for e in errors]),
-            "error_rms": error_rms.to(output.device),
+            "error_rms": error_rms,
             "energy_per_layer": inference.energy_per_layer.detach() / batch,
         }
         return StepResult(
