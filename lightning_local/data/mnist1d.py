@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_local._atomic import atomic_write
 from lightning_local.data._in_memory import InMemoryDataModule, resolve_data_dir
 from lightning_local.errors import LocalLearningError
 
@@ -116,22 +116,13 @@ def _read_cache(path: Path, key: str, args: dict[str, Any]) -> dict[str, np.ndar
 
 
 def _write_cache_atomically(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then ``os.replace``.
+    """Write to a temporary file in the same folder, flush it to disk, then ``os.replace``
+    (:func:`lightning_local._atomic.atomic_write`).
 
     An interrupted write leaves at most a stray temporary file (removed when possible), never
     a partial file under ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, key=np.array(key), **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: np.savez(file, key=np.array(key), **arrays))
 
 
 def load_mnist1d(

@@ -18,15 +18,14 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from lightning_local._atomic import atomic_torch_save
 from lightning_local.errors import CheckpointError
 
 __all__ = ["AtomicCheckpointIO", "check_checkpoint_file", "checkpoint_errors", "save_atomically"]
@@ -150,29 +149,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def save_atomically(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj)`` to ``path`` so that ``path`` is never seen half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself (not possible everywhere)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    """``torch.save(obj)`` to ``path`` so that ``path`` is never seen half-written.
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    A temporary file beside ``path``, flushed and ``fsync``-ed, then ``os.replace``-d onto it
+    (:func:`lightning_local._atomic.atomic_torch_save`).
+    """
+    atomic_torch_save(obj, path)

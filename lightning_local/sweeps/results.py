@@ -7,11 +7,13 @@ rerun of the same sweep skips the runs whose key is already in the file.
 
 Lines are appended one at a time (``O_APPEND``, flushed and ``fsync``-ed); a run interrupted
 while writing leaves at most a truncated last line, which :func:`read_results` ignores and
-:func:`repair_results` cuts off before the next append.
+:func:`repair_results` cuts off (an atomic rewrite) before the next append.
 
 The *best lr* of a (rule, parametrization, width) is the grid lr with the best metric, averaged
 over seeds: the lowest final ``train_loss`` (default) or the highest ``test_acc``; a diverged
 run counts as infinitely bad, and a lr where any seed diverged counts as diverged.
+(:data:`METRICS`, :class:`BestLR` and :func:`best_learning_rates` are computed in
+:mod:`lightning_local.diagnostics.best_lr` and re-exported here.)
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import hashlib
 import json
 import math
 import os
+import stat
 import warnings
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_local._atomic import atomic_write_bytes
+from lightning_local.diagnostics.best_lr import METRICS, BestLR, best_learning_rates
 from lightning_local.errors import LocalLearningError
 
 __all__ = [
@@ -57,9 +60,6 @@ RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "seconds": float,
 }
 """Fields every record has, with their JSON types (``None`` for a diverged run's metrics)."""
-
-METRICS = {"train_loss": "min", "test_loss": "min", "test_acc": "max", "train_acc": "max"}
-"""Metrics a best lr can be chosen by, and whether lower or higher is better."""
 
 
 def run_key(spec: Mapping[str, Any]) -> str:
@@ -101,7 +101,11 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def repair_results(path: str | os.PathLike[str]) -> None:
-    """Cut a truncated last line off ``path`` so the next append starts on a fresh line."""
+    """Cut a truncated last line off ``path`` so the next append starts on a fresh line.
+
+    The file is rewritten atomically (:func:`lightning_local._atomic.atomic_write_bytes`,
+    keeping its permissions): interrupted, it still holds every complete line.
+    """
     path = Path(path)
     if not path.exists():
         return
@@ -109,10 +113,7 @@ def repair_results(path: str | os.PathLike[str]) -> None:
     if not data or data.endswith(b"\n"):
         return
     keep = data.rfind(b"\n") + 1  # 0 when the only line is truncated
-    with open(path, "r+b") as file:
-        file.truncate(keep)
-        file.flush()
-        os.fsync(file.fileno())
+    atomic_write_bytes(path, data[:keep], mode=stat.S_IMODE(path.stat().st_mode))
     warnings.warn(
         f"{path}: cut off a truncated last line (an interrupted write); that run will be run "
         "again.",
@@ -140,70 +141,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-@dataclass(frozen=True)
-class BestLR:
-    """The best grid lr of one (rule, parametrization, width), with the score behind it.
-
-    ``lr`` is ``None`` when every lr diverged; ``at_edge`` says the best lr is the smallest or
-    largest of the grid (the true optimum may lie outside); ``scores`` maps each lr to the
-    seed-mean metric (``inf``/``-inf`` for diverged).
-    """
-
-    rule: str
-    parametrization: str
-    width: int
-    lr: float | None
-    score: float
-    at_edge: bool
-    scores: dict[float, float]
-
-    @property
-    def log2_lr(self) -> float | None:
-        return None if self.lr is None else math.log2(self.lr)
-
-
-def _score(records: Sequence[Mapping[str, Any]], metric: str) -> float:
-    worst = math.inf if METRICS[metric] == "min" else -math.inf
-    values = []
-    for record in records:
-        value = record.get(metric)
-        if record.get("diverged") or value is None or not math.isfinite(value):
-            return worst
-        values.append(float(value))
-    return sum(values) / len(values)
-
-
-def best_learning_rates(
-    records: Iterable[Mapping[str, Any]], metric: str = "train_loss"
-) -> list[BestLR]:
-    """The best lr per (rule, parametrization, width): (rule, parametrization) pairs in the
-    order they first appear in ``records``, widths ascending.
-
-    Raises:
-        LocalLearningError: for a metric other than those in :data:`METRICS`.
-    """
-    if metric not in METRICS:
-        raise LocalLearningError(f"unknown metric {metric!r}. Fix: use one of {sorted(METRICS)}.")
-    groups: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
-    for record in records:
-        key = (record["rule"], record["parametrization"], int(record["width"]))
-        groups[key][float(record["lr"])].append(record)
-    sign = 1.0 if METRICS[metric] == "min" else -1.0
-    pairs = list(dict.fromkeys((rule, param) for rule, param, _ in groups))
-    best = []
-    order = sorted(groups.items(), key=lambda item: (pairs.index(item[0][:2]), item[0][2]))
-    for (rule, param, width), by_lr in order:
-        scores = {lr: _score(runs, metric) for lr, runs in sorted(by_lr.items())}
-        finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
-        if not finite:
-            best.append(BestLR(rule, param, width, None, sign * math.inf, False, scores))
-            continue
-        lr = min(finite, key=lambda v: (sign * finite[v], v))
-        lrs = sorted(scores)
-        best.append(BestLR(rule, param, width, lr, finite[lr], lr in (lrs[0], lrs[-1]), scores))
-    return best
 
 
 def _groups(best: Sequence[BestLR]) -> tuple[list[tuple[str, str]], list[int]]:
