@@ -59,7 +59,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "width x learning-rate sweep: results.jsonl, transfer.png, best lr per width (resumes)",
     ),
     "coord-check": Subcommand(
-        "lightning_local.coord_check:main",
+        "lightning_local.diagnostics.coord_check:main",
         "per-layer rms sizes across widths after k steps, their slopes, JSON and plots",
     ),
 }

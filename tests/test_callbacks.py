@@ -1,4 +1,9 @@
-"""Diagnostics callbacks: local-update/backprop cosines, the run config, the progress bar."""
+"""Diagnostics callbacks: coordinate check during training, local-update/backprop cosines, the
+run config, the progress bar.
+
+References: the coordinate-check callback's values against a forward pass after training;
+cosines against gradients by ``.backward()`` on copies, computed by hand in float64.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,14 @@ from _capture_logger import CaptureLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_local.callbacks import (
+from lightning_local.diagnostics.callbacks import (
+    CoordCheckCallback,
     LocalUpdateAlignment,
     LogRunConfig,
     base_shape_table,
     local_update_cosines,
 )
+from lightning_local.diagnostics.measures import forward_rms
 from lightning_local.errors import LocalLearningError
 from lightning_local.models import MLP
 from lightning_local.modules import BackpropModule, PredictiveCodingModule
@@ -44,6 +51,49 @@ def _fit(module: L.LightningModule, steps: int, callbacks: list, logger: Any = F
     )
     trainer.fit(module, _loader(steps))
     return trainer
+
+
+def test_coord_check_callback_logs_every_layer_to_the_logger():
+    torch.manual_seed(0)
+    module = PredictiveCodingModule(network=MLP(width=16, bias=False), parametrization="mup",
+                                    base_width=8, lr=0.05)
+    x, y = torch.randn(48, 40), torch.randint(0, 10, (48,))
+    logger = CaptureLogger()
+    callback = CoordCheckCallback(every_n_steps=1, max_steps=3, probe_size=8)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, logger=logger, callbacks=[callback],
+        log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    logged = [(step, m) for step, m in logger.metrics if "coord/activation/layer_0" in m]
+    assert [step for step, _ in logged] == [1, 2, 3]  # max_steps=3: steps 0, 1, 2 measured
+    keys = set(logged[0][1])
+    for quantity, count in [("activation", 3), ("activation_change", 3), ("weight_update", 3),
+                            ("state", 2), ("error", 3)]:
+        assert {f"coord/{quantity}/layer_{i}" for i in range(count)} <= keys
+    assert len(callback.history) == 3
+    # the first measured step's change equals its own weight update in the first block
+    first = callback.history[0]
+    assert first["coord/activation_change/layer_0"] == pytest.approx(
+        first["coord/weight_update/layer_0"], rel=1e-6)
+
+
+def test_coord_check_callback_values_match_a_forward_pass():
+    torch.manual_seed(1)
+    module = PredictiveCodingModule(network=MLP(width=12, bias=False), lr=0.05)
+    x, y = torch.randn(24, 40), torch.randint(0, 10, (24,))
+    callback = CoordCheckCallback(every_n_steps=1, max_steps=None, probe_size=8)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, logger=False, callbacks=[callback],
+        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    _, sizes = forward_rms(as_blocks(module.network), x[:8])
+    last = callback.history[-1]
+    assert [last[f"coord/activation/layer_{i}"] for i in range(3)] == pytest.approx(sizes)
+    with pytest.raises(LocalLearningError, match=">= 1"):
+        CoordCheckCallback(every_n_steps=0)
 
 
 def _reference_cosines(rule: PredictiveCoding, network: nn.Module, inputs, targets) -> list:

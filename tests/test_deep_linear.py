@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_local.analysis import (
+from lightning_local.diagnostics.deep_linear import (
     compare_updates,
     gd_gradients,
     gnt_gradients,

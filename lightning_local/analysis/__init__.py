@@ -1,6 +1,10 @@
-"""Analysis tools: closed forms that the learning rules are checked and explained against."""
+"""Analysis tools: closed forms that the learning rules are checked and explained against.
 
-from lightning_local.analysis.deep_linear import (
+Moved to :mod:`lightning_local.diagnostics.deep_linear`; this package and
+:mod:`lightning_local.analysis.deep_linear` re-export it.
+"""
+
+from lightning_local.diagnostics.deep_linear import (
     LinearEquilibrium,
     UpdateComparison,
     compare_updates,

@@ -1,4 +1,7 @@
-"""Callbacks for seeing inside training (they watch; the algorithm lives in the rules).
+"""Callbacks for seeing inside training: moved to :mod:`lightning_local.diagnostics.callbacks`.
+
+This package re-exports them so ``lightning_local.callbacks`` (and its submodules
+``coord_check``, ``local_update_alignment``, ``run_config``) keep working:
 
 - :class:`LocalUpdateAlignment`: every N steps, the cosine between each layer's local update
   and the backprop gradient on the same batch;
@@ -7,12 +10,14 @@
   logged with the run.
 """
 
-from lightning_local.callbacks.coord_check import CoordCheckCallback
-from lightning_local.callbacks.local_update_alignment import (
+from lightning_local.diagnostics.callbacks import (
+    CoordCheckCallback,
     LocalUpdateAlignment,
+    LogRunConfig,
+    base_shape_table,
     local_update_cosines,
+    run_config,
 )
-from lightning_local.callbacks.run_config import LogRunConfig, base_shape_table, run_config
 
 __all__ = [
     "CoordCheckCallback",

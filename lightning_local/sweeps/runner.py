@@ -389,7 +389,7 @@ def sweep(
     )
     plot_path = None
     if plot and records:
-        from lightning_local.plots import plot_transfer
+        from lightning_local.diagnostics.plots import plot_transfer
 
         plot_path = plot_transfer(records, folder / "transfer.png", metric=metric)
     if log_to is not None:

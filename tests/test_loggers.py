@@ -1,4 +1,5 @@
-"""W&B: an offline run holds the per-layer metrics, the config with base shapes and figures.
+"""W&B (:mod:`lightning_local.diagnostics.loggers`): an offline run holds the per-layer
+metrics, the config with base shapes and figures.
 
 The offline run is read back from its ``.wandb`` file (``_wandb_run.read_run``).
 """
@@ -17,8 +18,8 @@ from _wandb_run import offline_wandb, read_run
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_local.callbacks import LocalUpdateAlignment, LogRunConfig
-from lightning_local.loggers import log_figure, make_wandb_logger
+from lightning_local.diagnostics.callbacks import LocalUpdateAlignment, LogRunConfig
+from lightning_local.diagnostics.loggers import log_figure, log_table, make_wandb_logger
 from lightning_local.models import MLP
 from lightning_local.modules import PredictiveCodingModule
 
@@ -116,3 +117,4 @@ def test_log_figure_skips_loggers_without_images(tmp_path):
     assert log_figure(None, "figures/x", figure) == 0
     assert log_figure([CSVLogger(tmp_path)], "figures/x", figure) == 0
     plt.close(figure)
+    assert log_table([CSVLogger(tmp_path)], "tables/x", [{"a": 1}]) == 0
