@@ -6,18 +6,26 @@ the SGD/backprop gradient ``dL/dW_l``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from lightning_local.network import as_blocks, feedforward
-from lightning_local.rules.base import LocalRule, StepResult, check_finite
+from lightning_local.rules.base import LocalRule, RuleSettings, StepResult, check_finite
 
-__all__ = ["Backprop"]
+__all__ = ["Backprop", "BackpropSettings"]
+
+
+@dataclass(frozen=True)
+class BackpropSettings(RuleSettings):
+    """Backprop has no settings of its own (the loss and the optimizer are the run's)."""
 
 
 class Backprop(LocalRule):
     """End-to-end backpropagation of the output loss through every block."""
 
     name = "bp"
+    Settings = BackpropSettings
 
     def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
         output = feedforward(as_blocks(network), inputs)[-1]

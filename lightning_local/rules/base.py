@@ -8,23 +8,45 @@ bucketed all-reduce per training step, whatever the rule does inside inference.
 The ladder, as in jpc: ``energy -> state grads -> updates -> step``.
 :meth:`LocalRule.training_loss` runs inference and returns the surrogate;
 :meth:`LocalRule.step` zeroes gradients, back-propagates the surrogate and steps the optimizer.
+
+Each rule declares its settings once, as the fields of a frozen dataclass
+(:class:`RuleSettings` subclass, the rule's ``Settings``). Everything else derives from that
+declaration: the rule's keyword arguments and attributes, :meth:`LocalRule.hparams`, the
+Lightning modules' signatures (and so ``LightningCLI`` and checkpoint hyperparameters), the
+sweep's rule variants and run keys. Rules register themselves by ``name`` in :data:`RULES`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from lightning_local.errors import NonFiniteEnergyError
+from lightning_local.errors import LocalLearningError, NonFiniteEnergyError
 from lightning_local.losses import LossName, OutputLoss, get_loss
 from lightning_local.network import as_blocks, feedforward
 
-__all__ = ["LocalRule", "StepResult", "check_finite", "local_loss", "local_losses"]
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from lightning_local.parametrization import Parametrization
+
+__all__ = [
+    "RULES",
+    "LocalRule",
+    "RuleSettings",
+    "StepResult",
+    "check_finite",
+    "local_loss",
+    "local_losses",
+    "setting",
+]
 
 
 @dataclass
@@ -98,17 +120,142 @@ def local_loss(
     return total
 
 
+def setting(default: Any, doc: str, *, affects_result: bool = True) -> Any:
+    """A field of a :class:`RuleSettings` dataclass: its default and its one-line meaning.
+
+    ``affects_result=False`` marks an implementation or logging choice that cannot change the
+    trained weights (e.g. a fast path with bit-identical results, an extra diagnostic): it is
+    a hyperparameter like the others, but not part of a sweep's run key.
+    """
+    return field(default=default, metadata={"doc": doc, "affects_result": affects_result})
+
+
+def _plain(value: Any) -> Any:
+    """JSON/YAML-friendly copy: tuples become lists."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """Base of a rule's settings: a frozen dataclass whose fields are the rule's arguments.
+
+    Subclasses validate in ``__post_init__`` and raise
+    :class:`~lightning_local.errors.LocalLearningError` with the fix.
+    """
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The declared settings, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def field_doc(cls, name: str) -> str:
+        """The one-line meaning of setting ``name``."""
+        return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("doc", "")
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any] | None = None, *, owner: str = "") -> Self:
+        """Settings from a mapping; unknown names raise an error listing the known ones."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            who = owner or cls.__name__
+            raise LocalLearningError(
+                f"{who} has no setting(s) {unknown}. Fix: use only "
+                f"{list(cls.field_names()) or 'no settings'}."
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied (validated again)."""
+        return type(self).build({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as a plain value (tuples as lists), in declaration order."""
+        return {name: _plain(getattr(self, name)) for name in self.field_names()}
+
+    def result_dict(self) -> dict[str, Any]:
+        """The settings that can change the trained weights (a sweep's run key uses these)."""
+        keep = {f.name for f in dataclasses.fields(self) if f.metadata.get("affects_result", True)}
+        return {k: v for k, v in self.to_dict().items() if k in keep}
+
+
+RULES: dict[str, type[LocalRule]] = {}
+"""Registered rules by ``name`` (``"bp"``, ``"pc"``, ``"tp"``); a subclass that sets ``name``
+registers itself."""
+
+
 class LocalRule(ABC):
     """A learning rule on a layered network, in plain PyTorch.
 
-    Subclasses implement :meth:`training_loss`. ``name`` is the key the parametrization
-    tables use (``"bp"``, ``"pc"``, ``"tp"``).
+    Subclasses implement :meth:`training_loss` and declare their settings as a
+    :class:`RuleSettings` dataclass ``Settings``; the constructor takes the output loss and
+    the settings as keyword arguments (``PredictiveCoding("mse", inference_steps=8)``) or as a
+    ``settings=`` object, and each setting reads as an attribute (``rule.inference_steps``).
+    Assigning a setting attribute replaces (and validates) the settings. ``name`` is the key
+    of the parametrization tables and of :data:`RULES` (``"bp"``, ``"pc"``, ``"tp"``).
     """
 
     name: str = "rule"
+    Settings: ClassVar[type[RuleSettings]] = RuleSettings
+    settings: RuleSettings
 
-    def __init__(self, loss: LossName | OutputLoss = "mse") -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            RULES[cls.name] = cls
+
+    def __init__(
+        self,
+        loss: LossName | OutputLoss = "mse",
+        settings: RuleSettings | None = None,
+        **values: Any,
+    ) -> None:
         self.loss = get_loss(loss)
+        if settings is None:
+            settings = self.Settings.build(values, owner=type(self).__name__)
+        elif not isinstance(settings, self.Settings):
+            raise LocalLearningError(
+                f"{type(self).__name__} takes {self.Settings.__name__}, got "
+                f"{type(settings).__name__}. Fix: pass {self.Settings.__name__}(...) or keywords."
+            )
+        elif values:
+            settings = settings.replace(**values)
+        self.__dict__["settings"] = settings
+
+    def __getattr__(self, name: str) -> Any:
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in settings.__dataclass_fields__:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in settings.__dataclass_fields__:
+            self.__dict__["settings"] = settings.replace(**{name: value})
+            return
+        super().__setattr__(name, value)
+
+    def with_settings(self, **changes: Any) -> Self:
+        """A fresh rule of the same class and loss with ``changes`` to its settings."""
+        return type(self)(self.loss, self.settings.replace(**changes))
+
+    # ------------------------------------------------------------ wiring hooks
+    def prepare_network(
+        self, network: nn.Module, input_shape: Sequence[int] | None = None
+    ) -> nn.Module:
+        """The module this rule trains, made from the user's network (itself by default;
+        target propagation adds feedback maps)."""
+        return network
+
+    def width_scaled(
+        self, parametrization: Parametrization, network: nn.Module | Sequence[nn.Module]
+    ) -> LocalRule:
+        """This rule with the settings the parametrization scales with width (itself by
+        default; predictive coding scales its output weight ``gamma_L``)."""
+        return self
 
     @abstractmethod
     def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
@@ -134,8 +281,12 @@ class LocalRule(ABC):
         return feedforward(as_blocks(network), inputs)[-1]
 
     def hparams(self) -> dict[str, object]:
-        """The rule's hyperparameters as plain values (for logging and configs)."""
-        return {"rule": self.name, "loss": self.loss.name}
+        """The rule's name, loss and every setting, as plain values (logging and configs)."""
+        return {"rule": self.name, "loss": self.loss.name, **self.settings.to_dict()}
+
+    def result_hparams(self) -> dict[str, object]:
+        """:meth:`hparams` less the settings that cannot change the weights (run keys)."""
+        return {"rule": self.name, "loss": self.loss.name, **self.settings.result_dict()}
 
 
 def rms(value: Tensor) -> Tensor:

@@ -38,10 +38,11 @@ Exactness identity: F-ini + one SI sweep + FPA with ``kappa_l = gamma_l = 1`` gi
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -50,9 +51,20 @@ from lightning_local.errors import LocalLearningError
 from lightning_local.losses import LossName, OutputLoss
 from lightning_local.network import as_blocks, shape_errors
 from lightning_local.rules._linearize import Linearization, linearize
-from lightning_local.rules.base import LocalRule, StepResult, check_finite, local_losses, rms
+from lightning_local.rules.base import (
+    LocalRule,
+    RuleSettings,
+    StepResult,
+    check_finite,
+    local_losses,
+    rms,
+    setting,
+)
 
-__all__ = ["InferenceResult", "PredictiveCoding"]
+if TYPE_CHECKING:
+    from lightning_local.parametrization import Parametrization
+
+__all__ = ["InferenceResult", "PredictiveCoding", "PredictiveCodingSettings"]
 
 Schedule = Literal["sequential", "simultaneous", "tolerance"]
 _SCHEDULES = ("sequential", "simultaneous", "tolerance")
@@ -101,71 +113,110 @@ def _per_layer(value: float | Sequence[float], count: int, name: str) -> list[fl
     return values
 
 
+def _check_per_layer(value: Any, name: str, *, some_positive: bool) -> float | list[float]:
+    """``value`` (a number or one per layer) checked finite and >= 0 (one > 0 if asked)."""
+    values = [value] if isinstance(value, (int, float)) else list(value)
+    bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)]
+    if bad or (some_positive and not any(v > 0 for v in values)):
+        raise LocalLearningError(
+            f"{name}={value!r}: entries must be finite and >= 0"
+            + (", and not all 0 (inference would not move)" if some_positive else "")
+            + f". Fix: e.g. {name}=1.0, or one such number per hidden layer (0 freezes a layer)."
+        )
+    return float(value) if isinstance(value, (int, float)) else [float(v) for v in values]
+
+
+@dataclass(frozen=True)
+class PredictiveCodingSettings(RuleSettings):
+    """The settings of :class:`PredictiveCoding` (see the module docstring for the math)."""
+
+    inference: Schedule = setting(
+        "sequential", "schedule: 'sequential' (SI sweeps), 'simultaneous' (T steps on all "
+        "states) or 'tolerance' (steps until the relative energy decrease < tolerance)")
+    inference_steps: int = setting(
+        1, "sweeps (SI), steps (simultaneous) or the cap (tolerance)")
+    inference_lr: float | list[float] = setting(
+        1.0, "state step sizes kappa_l: one number or one per hidden layer")
+    state_momentum: float = setting(0.0, "momentum of the gradient descent on states")
+    fixed_prediction: bool = setting(
+        True, "the fixed prediction assumption (feedforward predictions in the weight update)")
+    output_weight: float = setting(
+        1.0, "gamma_L' of the output loss in the energy (muP scales it to gamma_L' m^-g)")
+    hidden_weights: float | list[float] = setting(
+        1.0, "gamma_l of the hidden layers: one number or one per hidden layer")
+    tolerance: float = setting(1e-6, "relative energy decrease that stops 'tolerance'")
+    fast_path: bool = setting(
+        True, "closed-form linearization of Linear(+activation) blocks (same results)",
+        affects_result=False)
+
+    def __post_init__(self) -> None:
+        if self.inference not in _SCHEDULES:
+            raise LocalLearningError(
+                f"unknown inference schedule {self.inference!r}. Fix: use one of {_SCHEDULES}."
+            )
+        steps = self.inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            if isinstance(steps, float) and steps.is_integer() and steps >= 0:
+                object.__setattr__(self, "inference_steps", int(steps))
+            else:
+                raise LocalLearningError(
+                    f"inference_steps must be a whole number >= 0, got {steps!r}. Fix: e.g. "
+                    "inference_steps=8."
+                )
+        if not 0.0 <= self.state_momentum < 1.0:
+            raise LocalLearningError(
+                f"state_momentum must lie in [0, 1), got {self.state_momentum}."
+            )
+        if not (math.isfinite(self.output_weight) and self.output_weight > 0):
+            raise LocalLearningError(
+                f"output_weight must be a finite positive number, got {self.output_weight!r}. "
+                "Fix: e.g. output_weight=1.0."
+            )
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise LocalLearningError(
+                f"tolerance must be finite and >= 0, got {self.tolerance!r}. Fix: e.g. 1e-6."
+            )
+        for name, positive in (("inference_lr", True), ("hidden_weights", False)):
+            object.__setattr__(
+                self, name, _check_per_layer(getattr(self, name), name, some_positive=positive)
+            )
+        for name in ("state_momentum", "output_weight", "tolerance"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("fixed_prediction", "fast_path"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+
+
 class PredictiveCoding(LocalRule):
     """Predictive coding with F-ini, SI / simultaneous / run-to-tolerance inference and FPA.
 
     Args:
         loss: output loss, ``"mse"`` (paper) or ``"cross_entropy"``.
-        inference: schedule, ``"sequential"`` (SI), ``"simultaneous"`` or ``"tolerance"``.
-        inference_steps: sweeps (SI), steps (simultaneous) or the cap (tolerance).
-        inference_lr: state step sizes ``kappa_l``, one number or one per hidden layer.
-        state_momentum: momentum of the SGD on states.
-        fixed_prediction: FPA on (feedforward predictions in the weight update) or off.
-        output_weight: ``gamma_L``, the weight of the output loss in the energy (already
-            width-scaled; see ``Parametrization.output_weight``).
-        hidden_weights: ``gamma_l`` for the hidden layers, one number or one per layer.
-        tolerance: relative energy decrease under which the tolerance schedule stops.
-        fast_path: closed-form linearization of Linear(+activation) blocks.
+        settings: a :class:`PredictiveCodingSettings`, or its fields as keywords:
+            ``inference``, ``inference_steps``, ``inference_lr`` (``kappa_l``),
+            ``state_momentum``, ``fixed_prediction`` (FPA), ``output_weight`` (``gamma_L``,
+            already width-scaled here; see ``Parametrization.output_weight``),
+            ``hidden_weights`` (``gamma_l``), ``tolerance``, ``fast_path``.
     """
 
     name = "pc"
+    Settings = PredictiveCodingSettings
+    settings: PredictiveCodingSettings
 
     def __init__(
         self,
         loss: LossName | OutputLoss = "mse",
-        *,
-        inference: Schedule = "sequential",
-        inference_steps: int = 1,
-        inference_lr: float | Sequence[float] = 1.0,
-        state_momentum: float = 0.0,
-        fixed_prediction: bool = True,
-        output_weight: float = 1.0,
-        hidden_weights: float | Sequence[float] = 1.0,
-        tolerance: float = 1e-6,
-        fast_path: bool = True,
+        settings: PredictiveCodingSettings | None = None,
+        **values: Any,
     ) -> None:
-        super().__init__(loss)
-        if inference not in _SCHEDULES:
-            raise LocalLearningError(
-                f"unknown inference schedule {inference!r}. Fix: use one of {_SCHEDULES}."
-            )
-        if inference_steps < 0:
-            raise LocalLearningError(f"inference_steps must be >= 0, got {inference_steps}.")
-        if not 0.0 <= state_momentum < 1.0:
-            raise LocalLearningError(f"state_momentum must lie in [0, 1), got {state_momentum}.")
-        self.inference = inference
-        self.inference_steps = int(inference_steps)
-        self.inference_lr = inference_lr
-        self.state_momentum = float(state_momentum)
-        self.fixed_prediction = bool(fixed_prediction)
-        self.output_weight = float(output_weight)
-        self.hidden_weights = hidden_weights
-        self.tolerance = float(tolerance)
-        self.fast_path = bool(fast_path)
+        super().__init__(loss, settings, **values)
         self._warned_energy_rise = False
 
-    def hparams(self) -> dict[str, object]:
-        return {
-            **super().hparams(),
-            "inference": self.inference,
-            "inference_steps": self.inference_steps,
-            "inference_lr": self.inference_lr,
-            "state_momentum": self.state_momentum,
-            "fixed_prediction": self.fixed_prediction,
-            "output_weight": self.output_weight,
-            "hidden_weights": self.hidden_weights,
-            "tolerance": self.tolerance,
-        }
+    def width_scaled(
+        self, parametrization: Parametrization, network: nn.Module | Sequence[nn.Module]
+    ) -> PredictiveCoding:
+        """The rule with ``gamma_L = gamma_L' m^{-g}`` (the parametrization's width scaling)."""
+        scaled = parametrization.output_weight(self.output_weight, network, rule=self.name)
+        return self if scaled == self.output_weight else self.with_settings(output_weight=scaled)
 
     # ------------------------------------------------------------------ energy
     def _gammas(self, hidden: int) -> list[float]:

@@ -26,8 +26,10 @@ this batch, and closed-form feedback is fitted before the targets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,9 +45,17 @@ from lightning_local.rules._feedback import (
     noise_gram,
     ridge_solution,
 )
-from lightning_local.rules.base import LocalRule, StepResult, check_finite, local_loss, rms
+from lightning_local.rules.base import (
+    LocalRule,
+    RuleSettings,
+    StepResult,
+    check_finite,
+    local_loss,
+    rms,
+    setting,
+)
 
-__all__ = ["TPNetwork", "TargetPropagation"]
+__all__ = ["TPNetwork", "TargetPropagation", "TargetPropagationSettings"]
 
 FeedbackTraining = Literal["ridge", "noisy", "none"]
 
@@ -121,28 +131,83 @@ class TPNetwork(nn.Module):
             return TPNetwork(network, **self.config)
 
 
+@dataclass(frozen=True)
+class TargetPropagationSettings(RuleSettings):
+    """The settings of :class:`TargetPropagation` (see the module docstring for the math)."""
+
+    variant: Literal["tp", "dtp"] = setting(
+        "dtp", "'dtp' (difference-corrected targets) or 'tp'")
+    beta: float = setting(0.5, "output target step size: tau_L = f - beta d loss / d f")
+    feedback: FeedbackKind = setting("linear", "feedback maps: 'linear' or 'nonlinear'")
+    feedback_training: FeedbackTraining = setting(
+        "ridge", "'ridge' (closed form per batch), 'noisy' (noisy reconstruction loss) or "
+        "'none' (fixed random feedback)")
+    ridge: float = setting(0.1, "mu' of the closed form; layer l uses mu_l = mu' n_l")
+    ridge_noise: float = setting(
+        0.0, "noise level s of the closed form (its expected noisy reconstruction loss; 0: "
+        "plain batch ridge)")
+    noise_std: float = setting(0.1, "noise standard deviation s of the reconstruction loss")
+    feedback_steps: int = setting(1, "k noisy-reconstruction feedback steps per batch")
+    layer_weights: list[float] | None = setting(
+        None, "weights w_l of the local losses, one per block (default 1)")
+    compute_bp_angle: bool = setting(
+        False, "also log the angle between each layer's update and backprop's gradient",
+        affects_result=False)
+
+    def __post_init__(self) -> None:
+        for key, allowed in (
+            ("variant", ("tp", "dtp")),
+            ("feedback", ("linear", "nonlinear")),
+            ("feedback_training", ("ridge", "noisy", "none")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise LocalLearningError(
+                    f"unknown {key} {getattr(self, key)!r}. Fix: use one of {allowed}."
+                )
+        if self.feedback_training == "ridge" and self.feedback != "linear":
+            raise LocalLearningError(
+                "closed-form ridge feedback needs linear feedback maps. Fix: feedback='linear', "
+                "or feedback_training='noisy' for nonlinear feedback."
+            )
+        steps = self.feedback_steps
+        if (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+                or (self.feedback_training != "noisy" and steps != 1)):
+            raise LocalLearningError(
+                f"feedback_steps={steps!r}: it counts noisy-reconstruction steps per batch "
+                "and must be a whole number >= 1, and 1 for ridge or fixed feedback. Fix: "
+                "feedback_steps=1, or feedback_training='noisy'."
+            )
+        values = (self.beta, self.ridge, self.noise_std, self.ridge_noise)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) or (
+            self.beta <= 0 or self.ridge <= 0 or self.noise_std < 0 or self.ridge_noise < 0
+        ):
+            raise LocalLearningError(
+                f"beta={self.beta}, ridge={self.ridge}, noise_std={self.noise_std}, "
+                f"ridge_noise={self.ridge_noise}: beta and ridge must be positive, the noise "
+                "levels non-negative, all finite. Fix: e.g. beta=0.5, ridge=0.1, "
+                "noise_std=0.1, ridge_noise=0."
+            )
+        for name in ("beta", "ridge", "noise_std", "ridge_noise"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.layer_weights is not None:
+            object.__setattr__(self, "layer_weights", [float(w) for w in self.layer_weights])
+        object.__setattr__(self, "compute_bp_angle", bool(self.compute_bp_angle))
+
+
 class TargetPropagation(LocalRule):
     """TP / DTP on a :class:`TPNetwork` (build one with :meth:`build_network`).
 
     Args:
         loss: the output loss (``"mse"`` or ``"cross_entropy"``).
-        variant: ``"dtp"`` (difference-corrected targets) or ``"tp"``.
-        beta: output target step size, ``tau_L = f - beta * d loss / d f``.
-        feedback: feedback kind for :meth:`build_network`, ``"linear"`` or ``"nonlinear"``.
-        feedback_training: ``"ridge"`` (closed form on each batch, linear feedback only),
-            ``"noisy"`` (gradient steps on the noisy reconstruction loss) or ``"none"``
-            (fixed random feedback).
-        ridge: ``mu'`` of the closed form; layer ``l`` uses ``mu_l = mu' * n_l`` with ``n_l``
-            the size of ``h_l``, so the penalty keeps pace with the Gram eigenvalues
-            (``H_l^T H_l = Theta(n_l)``): the spec's "ridge mu scales like M".
-        ridge_noise: noise level ``s`` of the closed form: ``Q_l*`` then minimizes the
-            expected noisy reconstruction loss on the batch (0: the plain batch ridge; large:
-            the pseudo-inverse ``W_l^+`` for an affine block). See :meth:`fit_feedback`.
-        noise_std: ``s``, the noisy reconstruction loss's noise standard deviation.
-        feedback_steps: ``k``, noisy-reconstruction steps per batch (see the module docstring).
-        layer_weights: ``w_l`` of the local losses (default 1 for every layer).
-        compute_bp_angle: also log the angle (degrees) between each layer's TP update and the
-            backprop gradient (one extra forward and backward pass).
+        settings: a :class:`TargetPropagationSettings`, or its fields as keywords:
+            ``variant``, ``beta``, ``feedback``, ``feedback_training``, ``ridge`` (``mu'``;
+            layer ``l`` uses ``mu_l = mu' * n_l`` with ``n_l`` the size of ``h_l``, so the
+            penalty keeps pace with the Gram eigenvalues ``H_l^T H_l = Theta(n_l)``: the
+            ridge scales like the width, paper Sec. 4), ``ridge_noise`` (the closed form
+            then minimizes the expected noisy reconstruction loss on the batch; large values
+            give the pseudo-inverse ``W_l^+`` for an affine block, see :meth:`fit_feedback`),
+            ``noise_std``, ``feedback_steps`` (``k``), ``layer_weights`` (``w_l``) and
+            ``compute_bp_angle`` (one extra forward and backward pass).
 
     Attributes:
         all_reduce_sum: ``None`` in one process; under DDP a function summing a tensor over
@@ -151,62 +216,26 @@ class TargetPropagation(LocalRule):
     """
 
     name = "tp"
+    Settings = TargetPropagationSettings
+    settings: TargetPropagationSettings
 
     def __init__(
         self,
         loss: LossName | OutputLoss = "mse",
-        *,
-        variant: Literal["tp", "dtp"] = "dtp",
-        beta: float = 0.5,
-        feedback: FeedbackKind = "linear",
-        feedback_training: FeedbackTraining = "ridge",
-        ridge: float = 0.1,
-        ridge_noise: float = 0.0,
-        noise_std: float = 0.1,
-        feedback_steps: int = 1,
-        layer_weights: Sequence[float] | None = None,
-        compute_bp_angle: bool = False,
+        settings: TargetPropagationSettings | None = None,
+        **values: Any,
     ) -> None:
-        super().__init__(loss)
-        for key, value, allowed in (
-            ("variant", variant, ("tp", "dtp")),
-            ("feedback", feedback, ("linear", "nonlinear")),
-            ("feedback_training", feedback_training, ("ridge", "noisy", "none")),
-        ):
-            if value not in allowed:
-                raise LocalLearningError(f"unknown {key} {value!r}. Fix: use one of {allowed}.")
-        if feedback_training == "ridge" and feedback != "linear":
-            raise LocalLearningError(
-                "closed-form ridge feedback needs linear feedback maps. Fix: feedback='linear', "
-                "or feedback_training='noisy' for nonlinear feedback."
-            )
-        if feedback_steps < 1 or (feedback_training != "noisy" and feedback_steps != 1):
-            raise LocalLearningError(
-                f"feedback_steps={feedback_steps}: it counts noisy-reconstruction steps per batch "
-                "and must be >= 1, and 1 for ridge or fixed feedback. Fix: feedback_steps=1, "
-                "or feedback_training='noisy'."
-            )
-        if beta <= 0 or ridge <= 0 or noise_std < 0 or ridge_noise < 0:
-            raise LocalLearningError(
-                f"beta={beta}, ridge={ridge}, noise_std={noise_std}, ridge_noise={ridge_noise}: "
-                "beta and ridge must be positive, the noise levels non-negative. Fix: e.g. "
-                "beta=0.5, ridge=0.1, noise_std=0.1, ridge_noise=0."
-            )
-        self.variant, self.beta, self.feedback = variant, float(beta), feedback
-        self.feedback_training, self.ridge, self.noise_std = feedback_training, ridge, noise_std
-        self.ridge_noise = float(ridge_noise)
-        self.feedback_steps = int(feedback_steps)
-        self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
-        self.compute_bp_angle = compute_bp_angle
+        super().__init__(loss, settings, **values)
         self.all_reduce_sum: Callable[[Tensor], Tensor] | None = None
 
-    def hparams(self) -> dict[str, object]:
-        return dict(
-            super().hparams(), variant=self.variant, beta=self.beta, feedback=self.feedback,
-            feedback_training=self.feedback_training, ridge=self.ridge,
-            ridge_noise=self.ridge_noise, noise_std=self.noise_std,
-            feedback_steps=self.feedback_steps, layer_weights=self.layer_weights,
-        )
+    def prepare_network(
+        self, network: nn.Module, input_shape: Sequence[int] | None = None
+    ) -> TPNetwork:
+        """``network`` with feedback maps (:meth:`build_network`); a :class:`TPNetwork` as is."""
+        if isinstance(network, TPNetwork):
+            self._parts(network)  # the feedback must fit this rule's settings
+            return network
+        return self.build_network(network, input_shape)
 
     def build_network(
         self, network: nn.Module, input_shape: Sequence[int] | None = None

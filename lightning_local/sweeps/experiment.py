@@ -44,7 +44,7 @@ from lightning_local.parametrization import (
     get_parametrization,
     set_base_shapes,
 )
-from lightning_local.rules.backprop import Backprop
+from lightning_local.rules import get_rule_class
 from lightning_local.rules.base import LocalRule
 from lightning_local.rules.predictive_coding import PredictiveCoding
 
@@ -85,27 +85,17 @@ class RuleVariant:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def build(self, loss: str = "mse") -> LocalRule:
-        """A fresh rule object with these arguments."""
-        kwargs = dict(self.kwargs)
-        try:
-            if self.family == "bp":
-                if kwargs:
-                    raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-                return Backprop(loss)
-            if self.family == "pc":
-                return PredictiveCoding(loss, **kwargs)
-            from lightning_local.rules.target_propagation import TargetPropagation
-
-            return TargetPropagation(loss, **kwargs)
-        except TypeError as error:
-            raise LocalLearningError(
-                f"rule variant {self.name!r}: {error}. Fix: override only arguments of the "
-                f"{self.family} rule, e.g. 'pc-sim:inference_steps=16'."
-            ) from None
+        """A fresh rule object with these arguments (checked against the rule's settings)."""
+        cls = get_rule_class(self.family)
+        settings = cls.Settings.build(
+            self.kwargs,
+            owner=f"rule variant {self.name!r} (override only settings of the {cls.name} rule)",
+        )
+        return cls(loss, settings)
 
     def hparams(self, loss: str = "mse") -> dict[str, Any]:
-        """The rule's hyperparameters as plain values (part of a run's resume key)."""
-        return _plain(self.build(loss).hparams())
+        """The rule's settings that can change the weights (part of a run's resume key)."""
+        return _plain(self.build(loss).result_hparams())
 
 
 def parse_variant(spec: str | RuleVariant) -> RuleVariant:
