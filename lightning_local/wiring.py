@@ -1,0 +1,248 @@
+"""The wiring seam: a network, a rule, a parametrization and an optimizer choice -> a run.
+
+Every entry point (the Lightning modules, the sweep, the coordinate check, the quickstart)
+wires a run here and nowhere else, in this order (docs/math.md, section 3):
+
+    user network  ->  rule.prepare_network (TP: + feedback maps g_2 .. g_L)
+                  ->  base shapes (muP; from p.infshape already there, a .bsh file, a width
+                      factory, or a width builder at base_width)
+                  ->  init rescale, once: W_r *= m^{-(b_r - b_r^SP)}
+                  ->  rule.width_scaled (PC: gamma_L = gamma_L' m^{-g})
+                  ->  optimizer: plain torch.optim with per-role groups lr_r = lr m^{-c_r}
+
+with ``m = M / M_base`` read off ``p.infshape``. The run's non-rule settings are declared once
+in :class:`TrainingSettings` (the Lightning modules' and the sweep's arguments derive from it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_local.errors import LocalLearningError, MissingBaseShapesError
+from lightning_local.losses import get_loss
+from lightning_local.network import as_blocks
+from lightning_local.parametrization import (
+    MuP,
+    Parametrization,
+    get_parametrization,
+    has_base_shapes,
+    set_base_shapes,
+)
+from lightning_local.rules import get_rule_class
+from lightning_local.rules.base import LocalRule, RuleSettings, setting
+
+__all__ = [
+    "OPTIMIZERS",
+    "TrainingSettings",
+    "WiredRun",
+    "make_parametrization",
+    "make_rule",
+    "wire",
+]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+"""Optimizers whose muP tables the library has (plain ``torch.optim`` classes)."""
+
+NetworkFactory = Callable[[int], nn.Module]
+"""``width -> network``: the same architecture at any width (base and delta shapes)."""
+
+
+@dataclass(frozen=True)
+class TrainingSettings(RuleSettings):
+    """The settings of a run that are not the rule's: parametrization, optimizer, loss."""
+
+    parametrization: str = setting("sp", "'sp' (standard) or 'mup' (maximal update)")
+    output_weight_exponent: float = setting(
+        0.0, "muP's g for predictive coding: gamma_L = gamma_L' m^-g (0: SGD muP, -1: "
+        "Gauss-Newton-target muP); ignored by SP and the other rules")
+    base_width: int = setting(64, "M_base when base shapes are made from a width builder")
+    base_shapes: str | None = setting(
+        None, "a .bsh file of base shapes (for a network that is not a width builder)")
+    lr: float = setting(0.1, "the width-independent learning rate eta'")
+    optimizer: str = setting("sgd", "'sgd', 'adam' or 'adamw' (plain torch.optim, muP groups)")
+    momentum: float = setting(0.0, "SGD momentum")
+    weight_decay: float = setting(
+        0.0, "weight decay, scaled per group like mup (lr * weight_decay width-free)")
+    loss: str = setting("mse", "output loss: 'mse' (the paper's) or 'cross_entropy'")
+
+    def __post_init__(self) -> None:
+        make_parametrization(self.parametrization, self.output_weight_exponent)
+        object.__setattr__(self, "parametrization", str(self.parametrization).lower())
+        if str(self.optimizer).lower() not in OPTIMIZERS:
+            raise LocalLearningError(
+                f"unknown optimizer {self.optimizer!r}. Fix: use one of {list(OPTIMIZERS)}."
+            )
+        object.__setattr__(self, "optimizer", str(self.optimizer).lower())
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise LocalLearningError(f"lr must be a finite positive number, got {self.lr!r}. "
+                                     "Fix: e.g. lr=0.1.")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise LocalLearningError(f"{name} must be finite and >= 0, got {value!r}.")
+        if int(self.base_width) < 1:
+            raise LocalLearningError(f"base_width must be >= 1, got {self.base_width!r}.")
+        object.__setattr__(self, "loss", get_loss(self.loss).name)
+        for name in ("output_weight_exponent", "lr", "momentum", "weight_decay"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "base_width", int(self.base_width))
+
+
+def make_parametrization(
+    spec: str | Parametrization, output_weight_exponent: float = 0.0
+) -> Parametrization:
+    """``SP()`` for ``"sp"``; ``MuP(output_weight_exponent)`` for ``"mup"``; or ``spec``."""
+    if isinstance(spec, str) and spec.lower() in ("mup", "mu_p", "maximal_update"):
+        return MuP(output_weight_exponent=output_weight_exponent)
+    return get_parametrization(spec)
+
+
+def make_rule(
+    rule: str | type[LocalRule] | LocalRule,
+    settings: RuleSettings | Mapping[str, Any] | None = None,
+    loss: str = "mse",
+) -> LocalRule:
+    """A rule object from a name (``"bp"``, ``"pc"``, ``"tp"``) or class and its settings."""
+    if isinstance(rule, LocalRule):
+        if settings:
+            raise LocalLearningError("pass either a rule object or a rule name with settings.")
+        return rule
+    cls = get_rule_class(rule)
+    if isinstance(settings, RuleSettings):
+        return cls(loss, settings)
+    return cls(loss, cls.Settings.build(settings, owner=f"rule {cls.name!r}"))
+
+
+@dataclass
+class WiredRun:
+    """A wired run, ready to train.
+
+    Attributes:
+        network: the module the rule trains (the user's network; for TP a
+            :class:`~lightning_local.rules.target_propagation.TPNetwork` around it).
+        rule: the rule with its width-scaled settings (PC: ``gamma_L``).
+        parametrization: SP or muP.
+        optimizer_name: the optimizer row of the tables the init was rescaled for.
+    """
+
+    network: nn.Module
+    rule: LocalRule
+    parametrization: Parametrization
+    optimizer_name: str = "sgd"
+
+    @property
+    def width_mult(self) -> float:
+        """``m = M / M_base`` (1 under SP without base shapes)."""
+        return self.parametrization.width_mult(self.network)
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Per-role ``torch.optim`` groups: ``lr_r = lr m^{-c_r}``, each tagged with its role."""
+        return self.parametrization.param_groups(
+            self.network, lr, self.rule, self.optimizer_name, weight_decay
+        )
+
+    def build_optimizer(
+        self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+    ) -> torch.optim.Optimizer:
+        """A plain ``torch.optim.SGD``/``Adam``/``AdamW`` over :meth:`param_groups`."""
+        return self.parametrization.build_optimizer(
+            self.network, lr, rule=self.rule, optimizer=self.optimizer_name, momentum=momentum,
+            weight_decay=weight_decay,
+        )
+
+
+def wire(
+    network: nn.Module,
+    rule: LocalRule,
+    parametrization: str | Parametrization = "sp",
+    *,
+    optimizer: str = "sgd",
+    output_weight_exponent: float = 0.0,
+    base_width: int = 64,
+    base_shapes: str | None = None,
+    width_factory: NetworkFactory | None = None,
+    input_shape: Sequence[int] | None = None,
+    zero_readout: bool = False,
+) -> WiredRun:
+    """Wire ``network`` for ``rule`` under ``parametrization``; see the module docstring.
+
+    Args:
+        network: the user's network (blocks ``f_1 .. f_L``), fresh weights.
+        rule: the rule with its settings as the user gave them (PC: ``gamma_L'``).
+        parametrization: ``"sp"``, ``"mup"`` or a :class:`Parametrization`.
+        optimizer: the optimizer row of the tables (``"sgd"``, ``"adam"``, ``"adamw"``).
+        output_weight_exponent: muP's ``g`` when ``parametrization`` is a name.
+        base_width: ``M_base`` for base shapes from ``width_factory`` or a width builder.
+        base_shapes: a ``.bsh`` file of base shapes (takes precedence).
+        width_factory: ``width -> network`` for networks that are not width builders: base
+            and delta shapes are made from ``width_factory(base_width)`` and
+            ``width_factory(2 * base_width)`` on the meta device.
+        input_shape: per-sample input shape (TP feedback of convolutional networks).
+        zero_readout: set the readout's weights to 0 after the init (``mup``'s
+            ``readout_zero_init``).
+
+    Raises:
+        MissingBaseShapesError: muP and no way to get base shapes.
+    """
+    param = make_parametrization(parametrization, output_weight_exponent)
+    optimizer = str(optimizer).lower()
+    if optimizer not in OPTIMIZERS:
+        raise LocalLearningError(
+            f"unknown optimizer {optimizer!r}. Fix: use one of {list(OPTIMIZERS)}."
+        )
+    as_blocks(network)  # fail early on a network the rules cannot read
+    prepared = rule.prepare_network(network, input_shape)
+    if param.requires_base_shapes and not has_base_shapes(prepared):
+        _attach_base_shapes(prepared, rule, base_width, base_shapes, width_factory, input_shape)
+    param.initialize(prepared, rule, optimizer)
+    if zero_readout:
+        _zero_readout(prepared)
+    return WiredRun(prepared, rule.width_scaled(param, prepared), param, optimizer)
+
+
+def _attach_base_shapes(
+    network: nn.Module,
+    rule: LocalRule,
+    base_width: int,
+    base_shapes: str | None,
+    width_factory: NetworkFactory | None,
+    input_shape: Sequence[int] | None,
+) -> None:
+    if base_shapes is not None:
+        set_base_shapes(network, base_shapes)
+        return
+    if width_factory is not None:
+        with torch.device("meta"):
+            base, delta = (
+                rule.prepare_network(width_factory(w), input_shape)
+                for w in (base_width, 2 * base_width)
+            )
+        set_base_shapes(network, base, delta)
+        return
+    if callable(getattr(network, "with_width", None)):
+        set_base_shapes(network, base_width)
+        return
+    raise MissingBaseShapesError(
+        f"muP needs base shapes, but the {type(network).__name__} network has no p.infshape, "
+        "no base_shapes file was given and it is not a width builder. Fix: build it with "
+        "lightning_local.models (MLP/CNN), pass base_shapes='net.bsh' (written by "
+        "set_base_shapes(net, base, delta, savefile='net.bsh')), give a width factory "
+        "(width -> network; the sweep's model), or call lightning_local.set_base_shapes(net, "
+        "base=<net at base width>, delta=<net at another width>) before handing it over."
+    )
+
+
+@torch.no_grad()
+def _zero_readout(network: nn.Module) -> None:
+    linears = [m for m in as_blocks(network)[-1].modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise LocalLearningError(
+            "zero_readout needs a readout block with an nn.Linear. Fix: zero_readout=False."
+        )
+    linears[-1].weight.zero_()
