@@ -4,12 +4,24 @@ A block is any ``nn.Module`` mapping the previous block's output to its own outp
 (``h_l = f_l(h_{l-1})``); the last block ``f_L`` is the readout, whose output is the network
 output ``f = u_L``. A model is accepted when it is an ``nn.Sequential`` (its children are the
 blocks) or when it exposes its ordered blocks as an attribute ``blocks`` (an
-``nn.Sequential`` or ``nn.ModuleList``). Predictive-coding states ``x_l`` live at block outputs
-(the post-activation convention when a block ends with its activation).
+``nn.Sequential`` or ``nn.ModuleList``); a plain list or tuple of modules is taken as is.
+Predictive-coding states ``x_l`` live at block outputs (the post-activation convention when a
+block ends with its activation).
+
+Stand-alone activations are grouped: a parameter-free elementwise activation (one of
+:data:`ACTIVATIONS`, e.g. ``nn.Tanh``) that is a block of its own is joined to the block
+before it, so the flat ``nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))`` has the
+two blocks ``[nn.Sequential(Linear, Tanh), Linear]``, exactly like the hand-grouped
+``nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Linear(8, 3))`` (consecutive
+activations all join the block before them). The grouped ``nn.Sequential`` wraps the model's own
+modules (parameters are shared, nothing is copied, the model is not modified) and is cached
+per model, so repeated calls return the same block objects; ``as_blocks(model,
+group_activations=False)`` takes every child as a block.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -18,39 +30,123 @@ from torch import Tensor, nn
 
 from lightning_local.errors import ShapeMismatchError, UnsupportedNetworkError
 
-__all__ = ["as_blocks", "feedforward", "output_width", "shape_errors"]
+__all__ = ["ACTIVATIONS", "as_blocks", "feedforward", "output_width", "shape_errors"]
 
 
-def as_blocks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+#: Parameter-free elementwise activations that ``as_blocks`` joins to the block before them.
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.ELU, nn.Softplus,
+    nn.Hardtanh, nn.ReLU6, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.SELU, nn.CELU,
+)
+
+# model -> (ids of its children, grouped blocks). The value holds the children (so their ids
+# stay unique while the entry lives) but never the model, so the model can be collected.
+_MODEL_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], tuple[nn.Module, ...]]]
+_MODEL_CACHE = weakref.WeakKeyDictionary()
+# ids of (block, activation, ...) -> their grouped nn.Sequential, alive while anyone holds it
+# (which keeps the grouped modules, and so their ids, alive): the same group for the same
+# modules, also when the blocks come as a plain list.
+_GROUP_CACHE: weakref.WeakValueDictionary[tuple[int, ...], nn.Sequential]
+_GROUP_CACHE = weakref.WeakValueDictionary()
+
+
+def _is_activation(module: object) -> bool:
+    return isinstance(module, ACTIVATIONS) and next(module.parameters(), None) is None
+
+
+def _group(members: list[nn.Module]) -> nn.Sequential:
+    """The ``nn.Sequential`` of ``members`` (the same module objects), one per member tuple."""
+    key = tuple(id(m) for m in members)
+    group = _GROUP_CACHE.get(key)
+    if group is None or len(group) != len(members) or any(
+        a is not b for a, b in zip(group, members)
+    ):
+        group = nn.Sequential(*members)
+        _GROUP_CACHE[key] = group
+    group.training = members[0].training
+    return group
+
+
+def _grouped(children: list[nn.Module]) -> list[nn.Module]:
+    """``children`` with each run of stand-alone activations joined to the block before it."""
+    if children and _is_activation(children[0]):
+        raise UnsupportedNetworkError(
+            f"block 0 ({children[0]!r}) is a stand-alone activation with no layer before it to "
+            "group it with. Fix: group each layer with its activation: "
+            "nn.Sequential(nn.Sequential(nn.Linear(d, M), nn.Tanh()), ...), or drop the "
+            "leading activation."
+        )
+    runs: list[list[nn.Module]] = []
+    for child in children:
+        if runs and _is_activation(child):
+            runs[-1].append(child)
+        else:
+            runs.append([child])
+    return [run[0] if len(run) == 1 else _group(run) for run in runs]
+
+
+def as_blocks(
+    model: nn.Module | Sequence[nn.Module], group_activations: bool = True
+) -> list[nn.Module]:
     """Return the ordered blocks ``[f_1, ..., f_L]`` of ``model``.
 
+    With ``group_activations`` (the default) a stand-alone activation (one of
+    :data:`ACTIVATIONS`) is joined to the block before it, in an ``nn.Sequential`` of the same
+    module objects; the grouping is cached per model (and redone when its children change), so
+    repeated calls return the same block objects. ``group_activations=False`` takes every
+    child as a block.
+
     Raises:
-        UnsupportedNetworkError: when the model exposes no ordered blocks, or has fewer than
-            two (a local rule needs at least one hidden state between input and readout).
+        UnsupportedNetworkError: when the model exposes no ordered blocks, starts with a
+            stand-alone activation (when grouping), or has fewer than two blocks (after
+            grouping; a local rule needs at least one hidden state between input and readout).
     """
     if isinstance(model, nn.Sequential):
-        blocks = list(model)
+        children = list(model)
     elif isinstance(model, (list, tuple, nn.ModuleList)):
-        blocks = list(model)
+        children = list(model)
     elif isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
-        blocks = list(model.blocks)
+        children = list(model.blocks)
     else:
         raise UnsupportedNetworkError(
             f"{type(model).__name__} does not expose an ordered list of blocks. Fix: build it as "
             "an nn.Sequential of blocks, or give it an attribute `blocks` (nn.Sequential or "
             "nn.ModuleList) whose forward composition is the network."
         )
+    for index, block in enumerate(children):
+        if not isinstance(block, nn.Module):
+            raise UnsupportedNetworkError(
+                f"block {index} is a {type(block).__name__}, not an nn.Module."
+            )
+    if group_activations:
+        blocks = _cached_grouping(model, children)
+    else:
+        blocks = children
     if len(blocks) < 2:
         raise UnsupportedNetworkError(
             f"the network has {len(blocks)} block(s); local rules need at least two (a hidden "
             "block and a readout). Fix: split the model into blocks, e.g. "
             "nn.Sequential(nn.Sequential(nn.Linear(d, M), nn.Tanh()), nn.Linear(M, C))."
         )
-    for index, block in enumerate(blocks):
-        if not isinstance(block, nn.Module):
-            raise UnsupportedNetworkError(
-                f"block {index} is a {type(block).__name__}, not an nn.Module."
-            )
+    return blocks
+
+
+def _cached_grouping(
+    model: nn.Module | Sequence[nn.Module], children: list[nn.Module]
+) -> list[nn.Module]:
+    """The grouped blocks of ``model``, from the per-model cache while its children are kept."""
+    ids = tuple(id(child) for child in children)
+    cacheable = isinstance(model, nn.Module)
+    if cacheable:
+        cached = _MODEL_CACHE.get(model)
+        if cached is not None and cached[0] == ids:
+            for block in cached[1]:
+                if id(block) not in ids:  # a group made here: follow its members' mode
+                    block.training = block[0].training
+            return list(cached[1])
+    blocks = _grouped(children)
+    if cacheable:
+        _MODEL_CACHE[model] = (ids, tuple(blocks))
     return blocks
 
 
