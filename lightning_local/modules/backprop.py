@@ -9,13 +9,9 @@ __all__ = ["BackpropModule"]
 
 
 class BackpropModule(LocalLearningModule):
-    """End-to-end backprop of the output loss, with SP or BP's muP (spec section 3).
+    """End-to-end backprop of the output loss, with SP or BP's muP (docs/math.md §3).
 
-    The surrogate is the batch-mean loss ``(1/B) sum_b loss(f(x_b), y_b)``. Arguments are those
-    of :class:`LocalLearningModule`.
+    The surrogate is the batch-mean loss ``(1/B) sum_b loss(f(x_b), y_b)``.
     """
 
-    rule_name = "bp"
-
-    def build_rule(self) -> Backprop:
-        return Backprop(loss=self.loss_name)
+    rule_class = Backprop

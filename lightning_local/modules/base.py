@@ -1,12 +1,21 @@
 """The Lightning surface: a ``LightningModule`` whose training step is a local rule's.
 
-:class:`LocalLearningModule` only glues three plain-PyTorch pieces together:
+:class:`LocalLearningModule` glues plain-PyTorch pieces together and owns nothing else:
 
 - a *network* (an ordered list of blocks ``f_1 .. f_L``, see :mod:`lightning_local.network`);
-- a *rule* (:class:`~lightning_local.rules.base.LocalRule`) that turns a batch into a scalar
-  surrogate whose gradient is the rule's weight update (a batch mean);
-- a *parametrization* (SP or muP) that rescales the initialization once and builds the
-  optimizer's per-role learning rates ``eta_l = eta' (M / M_base)^{-c_l}``.
+- a *rule* (:class:`~lightning_local.rules.base.LocalRule`, chosen by :attr:`rule_class`) that
+  turns a batch into a scalar surrogate whose gradient is the rule's weight update;
+- the run's wiring (base shapes, init rescale, per-role optimizer groups, PC's ``gamma_L``),
+  done by :func:`lightning_local.wiring.wire` and nowhere else.
+
+Settings are declared once. The constructor's keyword arguments are the fields of the rule's
+``Settings`` dataclass, of :class:`~lightning_local.wiring.TrainingSettings` and of the
+module's own :attr:`module_settings` (e.g. TP's feedback pre-training); the signature that
+``LightningCLI`` and ``load_from_checkpoint`` read is generated from them, and every setting
+lands in ``hparams``. A preset is therefore three lines::
+
+    class PredictiveCodingModule(LocalLearningModule):
+        rule_class = PredictiveCoding
 
 One training step is ``zero_grad -> rule.training_loss -> manual_backward(surrogate) -> step``
 (manual optimization: one optimizer, so ``global_step`` counts batches; under DDP one
@@ -16,26 +25,29 @@ Two ways in:
 
 (a) wrap a network: ``PredictiveCodingModule(network=MLP(width=128), parametrization="mup")``;
 (b) subclass: a user's module calls ``super().__init__(...)`` without a network, then builds
-    it (``self.net = ...``). The network is found by :meth:`network_for_rule` (the attribute
-    ``network``, else the only child module that is not a metric; override it to choose).
+    it (``self.net = ...``). The network is found by :meth:`network_for_rule`: the attribute
+    ``network``, else the only public child module that has parameters and is not a metric
+    (a loss module such as ``self.criterion = nn.CrossEntropyLoss()`` is ignored); override
+    it to choose.
 
-muP wiring happens once, on fresh weights, before any optimizer or DDP wrapper: at the end of
+The wiring happens once, on fresh weights, before any optimizer or DDP wrapper: at the end of
 ``__init__`` when a network is given, otherwise in :meth:`setup` (or on the first use of
-:attr:`rule`, :meth:`configure_optimizers` or ``load_state_dict``). Base shapes come, in this
-order, from the network's own ``p.infshape``, from a ``.bsh`` file (``base_shapes``), or from a
-:class:`~lightning_local.models.WidthBuilder` at ``base_width``; else
-:class:`~lightning_local.errors.MissingBaseShapesError` says how to provide them.
+:attr:`rule`, :meth:`configure_optimizers` or ``load_state_dict``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import sys
-from collections.abc import Mapping
-from typing import IO, Any
+import typing
+from collections.abc import Callable, Mapping
+from typing import IO, Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -43,27 +55,28 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self
 
 from lightning_local.distributed import check_supported_strategy
-from lightning_local.errors import (
-    LocalLearningError,
-    MissingBaseShapesError,
-    UnsupportedNetworkError,
-)
-from lightning_local.losses import get_loss
+from lightning_local.errors import LocalLearningError, UnsupportedNetworkError
 from lightning_local.models import WidthBuilder
 from lightning_local.modules.checkpoint import checkpoint_errors
 from lightning_local.network import as_blocks, output_width
-from lightning_local.parametrization import (
-    Parametrization,
-    get_parametrization,
-    has_base_shapes,
-    set_base_shapes,
+from lightning_local.parametrization import Parametrization
+from lightning_local.rules.backprop import Backprop
+from lightning_local.rules.base import LocalRule, RuleSettings, StepResult
+from lightning_local.wiring import (
+    NetworkFactory,
+    TrainingSettings,
+    WiredRun,
+    make_parametrization,
+    make_rule,
+    wire,
 )
-from lightning_local.parametrization.parametrization import MuP
-from lightning_local.rules.base import LocalRule, StepResult
 
-__all__ = ["LocalLearningModule", "network_spec"]
+__all__ = ["LocalLearningModule", "NoModuleSettings", "network_spec"]
 
-_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+@dataclasses.dataclass(frozen=True)
+class NoModuleSettings(RuleSettings):
+    """A module without settings of its own (besides the rule's and the run's)."""
 
 
 def network_spec(network: nn.Module) -> dict[str, Any] | None:
@@ -96,52 +109,137 @@ def _network_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     return cls(**dict(spec.get("init_args") or {}))
 
 
+def _settings_classes(cls: type) -> tuple[type[RuleSettings], ...]:
+    return (cls.rule_class.Settings, cls.module_settings, TrainingSettings)
+
+
+def _signature(cls: type) -> inspect.Signature:
+    """``(self, network=None, *, <rule settings>, <module settings>, <training settings>)``."""
+    parameters = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter(
+            "network", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+            annotation=typing.Optional[nn.Module],  # noqa: UP007 (read by jsonargparse)
+        ),
+    ]
+    seen: dict[str, type] = {}
+    for settings in _settings_classes(cls):
+        hints = typing.get_type_hints(settings)
+        for field in dataclasses.fields(settings):
+            if field.name in seen or field.name == "network":
+                raise TypeError(
+                    f"{cls.__name__}: setting {field.name!r} is declared by both "
+                    f"{seen.get(field.name, cls).__name__} and {settings.__name__}."
+                )
+            seen[field.name] = settings
+            parameters.append(inspect.Parameter(
+                field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                annotation=hints[field.name],
+            ))
+    return inspect.Signature(parameters)
+
+
+def _settings_doc(cls: type) -> str:
+    lines = ["", "    Settings (keyword arguments, each saved in ``hparams``):", ""]
+    for settings in _settings_classes(cls):
+        for field in dataclasses.fields(settings):
+            lines.append(f"        {field.name}: {field.metadata.get('doc', '')}")
+    return "\n".join(lines) + "\n"
+
+
+def _generated_init(cls: type) -> Callable[..., None]:
+    """An ``__init__`` for ``cls`` whose signature lists its declared settings.
+
+    It deliberately does not use ``super()``: Lightning reads the init arguments of frames
+    that carry a ``__class__`` cell, and this wrapper's locals are not its signature.
+    """
+
+    def __init__(self: LocalLearningModule, network: nn.Module | None = None, **settings: Any):
+        LocalLearningModule.__init__(self, network, **settings)
+
+    __init__.__signature__ = _signature(cls)  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__module__ = cls.__module__
+    __init__.__doc__ = f"Build a {cls.__name__}; see the class docstring for the settings."
+    return __init__
+
+
+def _caller_init_args(module: nn.Module, frame: Any) -> dict[str, Any]:
+    """Arguments of the subclass ``__init__`` frames that called the base ``__init__``.
+
+    Walks out from ``frame`` while the frames are ``__init__`` methods of ``module``; outer
+    frames (the user's own class) take precedence, like Lightning's ``save_hyperparameters``.
+    """
+    collected: dict[str, Any] = {}
+    while frame is not None and frame.f_code.co_name == "__init__":
+        info = inspect.getargvalues(frame)
+        if not info.args or info.locals.get(info.args[0]) is not module:
+            break
+        values = {name: info.locals[name] for name in info.args[1:] if name in info.locals}
+        if info.keywords:
+            values.update(info.locals.get(info.keywords) or {})
+        collected.update(values)
+        frame = frame.f_back
+    return collected
+
+
 class LocalLearningModule(L.LightningModule):
     """Base ``LightningModule`` for local learning rules (manual optimization).
-
-    Subclasses implement :meth:`build_rule` and set :attr:`rule_name` (the key of the
-    parametrization tables: ``"bp"``, ``"pc"`` or ``"tp"``).
 
     Args:
         network: the network (blocks ``f_1 .. f_L``); ``None`` when a subclass builds it.
             A ``{"class_path", "init_args"}`` mapping (as saved in checkpoints) rebuilds a
             :class:`~lightning_local.models.WidthBuilder`.
-        parametrization: ``"sp"`` (standard) or ``"mup"`` (maximal update), or a
+        **settings: the rule's settings (:attr:`rule_class` ``.Settings``), the module's own
+            (:attr:`module_settings`) and the run's (:class:`~lightning_local.wiring.TrainingSettings`:
+            parametrization, lr, optimizer, ...). ``parametrization`` also takes a
             :class:`~lightning_local.parametrization.Parametrization` instance.
-        output_weight_exponent: muP's ``g`` for predictive coding, ``gamma_L = gamma_L' m^{-g}``
-            with ``m = M / M_base`` (0: SGD's muP, -1: Gauss-Newton-target muP). Ignored by SP
-            and by the other rules.
-        base_width: ``M_base`` when base shapes are made from a WidthBuilder.
-        base_shapes: path of a ``.bsh`` file of base shapes (for a network that is not a
-            WidthBuilder); takes precedence over ``base_width``.
-        lr: the width-independent learning rate ``eta'``.
-        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"`` (plain ``torch.optim`` with muP groups).
-        momentum: SGD momentum.
-        weight_decay: weight decay (scaled per group like ``mup``: ``lr * wd`` width-free).
-        loss: output loss, ``"mse"`` (the paper's) or ``"cross_entropy"``.
+
+    Class attributes a preset sets:
+        rule_class: the rule (``Backprop``, ``PredictiveCoding``, ``TargetPropagation``).
+        module_settings: a :class:`~lightning_local.rules.base.RuleSettings` dataclass of the
+            module's own settings (``NoModuleSettings`` by default).
+        progress_bar_metrics: rule metrics (scalar names) also shown in the progress bar.
     """
 
-    rule_name: str = "bp"
-    progress_bar_metrics: tuple[str, ...] = ()
-    """Rule metrics (scalar names) also shown in the progress bar."""
+    rule_class: ClassVar[type[LocalRule]] = Backprop
+    module_settings: ClassVar[type[RuleSettings]] = NoModuleSettings
+    progress_bar_metrics: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(
-        self,
-        network: nn.Module | None = None,
-        *,
-        parametrization: str | Parametrization = "sp",
-        output_weight_exponent: float = 0.0,
-        base_width: int = 64,
-        base_shapes: str | None = None,
-        lr: float = 0.1,
-        optimizer: str = "sgd",
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        loss: str = "mse",
-    ) -> None:
-        super().__init__()
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declares = "rule_class" in cls.__dict__ or "module_settings" in cls.__dict__
+        if declares and "__init__" not in cls.__dict__:
+            cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
+            cls.__doc__ = (cls.__doc__ or "") + _settings_doc(cls)
+
+    def __init__(self, network: nn.Module | None = None, **settings: Any) -> None:
+        L.LightningModule.__init__(self)
         self.automatic_optimization = False
-        self.save_hyperparameters(ignore=["network"])
+        rule_values, module_values, training_values = self._split_settings(settings)
+        parametrization = training_values.get("parametrization")
+        if isinstance(parametrization, Parametrization):
+            training_values.update(parametrization.hparams())
+        self.training_settings = TrainingSettings.build(training_values, owner=type(self).__name__)
+        self.rule_settings = self.rule_class.Settings.build(rule_values, owner=type(self).__name__)
+        self.extra_settings = self.module_settings.build(module_values, owner=type(self).__name__)
+        self.parametrization = (
+            parametrization if isinstance(parametrization, Parametrization)
+            else make_parametrization(
+                self.training_settings.parametrization,
+                self.training_settings.output_weight_exponent,
+            )
+        )
+        self.check_settings()
+        self.build_rule()  # fails on bad settings now, not at the first training step
+        self.__dict__["_local_run"] = None
+        self.__dict__["_local_source"] = None
+        self.__dict__["_local_stepped"] = True
+        self._ll_train_loss = MeanMetric()
+        self._ll_val_loss = MeanMetric()
+        self._ll_test_loss = MeanMetric()
+        self._ll_val_acc: MulticlassAccuracy | None = None
+        self._ll_test_acc: MulticlassAccuracy | None = None
         if isinstance(network, Mapping):
             network = _network_from_spec(network)
         if network is not None and not isinstance(network, nn.Module):
@@ -149,55 +247,108 @@ class LocalLearningModule(L.LightningModule):
                 f"network must be an nn.Module, got a {type(network).__name__}. Fix: pass e.g. "
                 "lightning_local.models.MLP(width=512)."
             )
-        if str(optimizer).lower() not in _OPTIMIZERS:
-            raise LocalLearningError(
-                f"unknown optimizer {optimizer!r}. Fix: use one of {list(_OPTIMIZERS)}."
-            )
-        if lr <= 0:
-            raise LocalLearningError(f"lr must be positive, got {lr}. Fix: e.g. lr=0.1.")
-        self.parametrization = self._make_parametrization(parametrization, output_weight_exponent)
-        if isinstance(parametrization, Parametrization):  # keep hparams plain values
-            for hparams in (self.hparams, self._hparams_initial):
-                hparams.update(self.parametrization.hparams())
-        self.base_width = int(base_width)
-        self.base_shapes = base_shapes
-        self.lr = float(lr)
-        self.optimizer_name = str(optimizer).lower()
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.loss_name = get_loss(loss).name
-        self._rule: LocalRule | None = None
-        self._wired: nn.Module | None = None
-        self.train_loss = MeanMetric()
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
-        self.val_acc: MulticlassAccuracy | None = None
-        self.test_acc: MulticlassAccuracy | None = None
+        self.save_hyperparameters(self._hyperparameters(network, inspect.currentframe()))
         if network is not None:
-            self.network = network
-            spec = network_spec(network)
-            if spec is not None:  # rebuilds the network on load_from_checkpoint(path)
-                self.hparams["network"] = spec
-                self._hparams_initial["network"] = spec
-            self.apply_parametrization()
+            self._wire(network, register=True)
+
+    # ------------------------------------------------------------------ settings
+    @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        """Every keyword argument the constructor takes besides ``network``."""
+        return tuple(name for s in _settings_classes(cls) for name in s.field_names())
+
+    def _split_settings(
+        self, settings: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        parts: tuple[dict[str, Any], ...] = ({}, {}, {})
+        classes = _settings_classes(type(self))
+        for name, value in settings.items():
+            for part, owner in zip(parts, classes):
+                if name in owner.field_names():
+                    part[name] = value
+                    break
+            else:
+                raise LocalLearningError(
+                    f"{type(self).__name__} has no setting {name!r}. Fix: use one of "
+                    f"{sorted(self.setting_names())}."
+                )
+        return parts  # type: ignore[return-value]
+
+    def check_settings(self) -> None:
+        """Check settings that depend on each other (a preset overrides it)."""
+
+    def _hyperparameters(self, network: nn.Module | None, frame: Any) -> dict[str, Any]:
+        """Every declared setting as a plain value, the network's spec (when it can be
+        rebuilt) and the arguments of the subclass ``__init__`` frames that called us."""
+        hparams: dict[str, Any] = {
+            **self.rule_settings.to_dict(),
+            **self.extra_settings.to_dict(),
+            **self.training_settings.to_dict(),
+        }
+        spec = network_spec(network) if network is not None else None
+        if spec is not None:  # rebuilds the network on load_from_checkpoint(path)
+            hparams["network"] = spec
+        for name, value in _caller_init_args(self, frame.f_back).items():
+            if name == "network" or isinstance(value, (nn.Module, Parametrization)):
+                continue  # kept as its spec / plain settings above
+            hparams[name] = value
+        given = _given_hyperparameters.get()  # set when LightningCLI instantiates the module
+        for name, value in (given or {}).items():
+            if name.startswith("_") or name not in hparams:  # _class_path, _instantiator, ...
+                hparams[name] = value
+        return hparams
 
     # ------------------------------------------------------------------ the pieces
-    @staticmethod
-    def _make_parametrization(
-        spec: str | Parametrization, output_weight_exponent: float
-    ) -> Parametrization:
-        if isinstance(spec, str) and spec.lower() in ("mup", "mu_p", "maximal_update"):
-            return MuP(output_weight_exponent=output_weight_exponent)
-        return get_parametrization(spec)
+    @property
+    def lr(self) -> float:
+        """The width-independent learning rate ``eta'``."""
+        return self.training_settings.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.training_settings = self.training_settings.replace(lr=value)
+
+    @property
+    def optimizer_name(self) -> str:
+        return self.training_settings.optimizer
+
+    @property
+    def momentum(self) -> float:
+        return self.training_settings.momentum
+
+    @property
+    def weight_decay(self) -> float:
+        return self.training_settings.weight_decay
+
+    @property
+    def base_width(self) -> int:
+        return self.training_settings.base_width
+
+    @property
+    def base_shapes(self) -> str | None:
+        return self.training_settings.base_shapes
+
+    @property
+    def loss_name(self) -> str:
+        return self.training_settings.loss
+
+    @property
+    def rule_name(self) -> str:
+        """The key of the parametrization tables: ``"bp"``, ``"pc"`` or ``"tp"``."""
+        return self.rule_class.name
 
     def build_rule(self) -> LocalRule:
-        """The rule this module trains with; subclasses implement it."""
-        raise NotImplementedError(f"{type(self).__name__} must implement build_rule().")
+        """The rule with the settings as given (before width scaling)."""
+        return make_rule(self.rule_class, self.rule_settings, self.loss_name)
+
+    def width_factory(self) -> NetworkFactory | None:
+        """``width -> network`` for base shapes under muP (override in a subclass that builds
+        its network with ``make_net(width)``: ``return make_net``). ``None`` by default."""
+        return None
 
     def network_for_rule(self) -> nn.Module:
-        """The network the rule trains: ``self.network``, else the only non-metric child.
-
-        Override it when a subclass keeps several modules (``return self.net``).
+        """The user's network: ``self.network``, else the only public child with parameters
+        that is not a metric. Override it when a subclass keeps several (``return self.net``).
         """
         network = self.__dict__["_modules"].get("network")
         if network is not None:
@@ -205,10 +356,19 @@ class LocalLearningModule(L.LightningModule):
         children = [
             (name, child)
             for name, child in self.named_children()
-            if not isinstance(child, Metric)
+            if not name.startswith("_")
+            and not isinstance(child, Metric)
+            and next(child.parameters(), None) is not None
         ]
         if len(children) == 1:
             return children[0][1]
+        if not children:
+            raise UnsupportedNetworkError(
+                f"{type(self).__name__} has no network yet. Fix: pass network=... to the "
+                "constructor, or assign it (self.net = ...) after super().__init__(...); the "
+                "rule (and TP's feedback) is built from it at setup, so do not use self.rule "
+                "inside __init__ before the network exists."
+            )
         names = [name for name, _ in children]
         raise UnsupportedNetworkError(
             f"{type(self).__name__} has {len(children)} candidate networks {names}. Fix: pass "
@@ -216,69 +376,71 @@ class LocalLearningModule(L.LightningModule):
             "network_for_rule() to return the module the rule should train."
         )
 
-    def parametrized_modules(self) -> list[nn.Module]:
-        """Every network whose parameters get base shapes, the init rescale and an optimizer.
-
-        The rule's network by default; a rule with more trainable networks (e.g. feedback
-        weights) returns them all.
-        """
-        return [self.network_for_rule()]
+    @property
+    def local_run(self) -> WiredRun:
+        """The wired run (network as the rule trains it, rule, parametrization)."""
+        self.apply_parametrization()
+        return self.__dict__["_local_run"]
 
     @property
     def rule(self) -> LocalRule:
-        """The rule, built once after the parametrization is applied."""
-        self.apply_parametrization()
-        if self._rule is None:
-            self._rule = self.build_rule()
-        return self._rule
+        """The rule as it trains: with the parametrization's width scaling (PC's gamma_L)."""
+        return self.local_run.rule
+
+    @property
+    def trained_network(self) -> nn.Module:
+        """The module the rule trains (the network; for TP with its feedback maps)."""
+        return self.local_run.network
+
+    def parametrized_modules(self) -> list[nn.Module]:
+        """Every network whose parameters get base shapes, the init rescale and an optimizer."""
+        return [self.trained_network]
 
     def apply_parametrization(self) -> None:
-        """Attach base shapes (muP) and rescale the init, once, on the current network.
-
-        Idempotent; runs again only when the network object was replaced. Call it at the end
-        of a subclass's ``__init__`` to wire muP at construction time (otherwise ``setup`` does).
+        """Wire the run once on the current network (idempotent; again only when the network
+        object was replaced). Call it at the end of a subclass's ``__init__`` to wire at
+        construction time (otherwise ``setup`` does).
 
         Raises:
-            MissingBaseShapesError: muP on a network without base shapes, ``.bsh`` file or
-                width builder.
+            MissingBaseShapesError: muP on a network without base shapes, ``.bsh`` file,
+                width factory or width builder.
         """
         network = self.network_for_rule()
-        if self._wired is network:
+        if self.__dict__["_local_run"] is not None and self.__dict__["_local_source"] is network:
             return
-        as_blocks(network)  # fail early on a network the rules cannot read
-        modules = self.parametrized_modules()
-        if self.parametrization.requires_base_shapes:
-            for module in modules:
-                if not has_base_shapes(module):
-                    self._attach_base_shapes(module)
-        self.parametrization.initialize(modules, self.rule_name, self.optimizer_name)
-        self._wired = network
-        self._rule = None
-        self._build_accuracy(network)
+        self._wire(network, register=False)
 
-    def _attach_base_shapes(self, module: nn.Module) -> None:
-        if self.base_shapes is not None:
-            set_base_shapes(module, self.base_shapes)
-        elif isinstance(module, WidthBuilder):
-            set_base_shapes(module, self.base_width)
-        else:
-            raise MissingBaseShapesError(
-                f"muP needs base shapes, but the {type(module).__name__} network has no "
-                "p.infshape, no base_shapes file was given and it is not a WidthBuilder. Fix: "
-                "build it with lightning_local.models (MLP/CNN), pass base_shapes='net.bsh' "
-                "(written by set_base_shapes(net, base, delta, savefile='net.bsh')), or call "
-                "lightning_local.set_base_shapes(net, base=<net at base width>, "
-                "delta=<net at another width>) before handing it over."
-            )
+    def _wire(self, network: nn.Module, *, register: bool) -> None:
+        settings = self.training_settings
+        run = wire(
+            network,
+            self.build_rule(),
+            self.parametrization,
+            optimizer=settings.optimizer,
+            base_width=settings.base_width,
+            base_shapes=settings.base_shapes,
+            width_factory=self.width_factory(),
+            input_shape=getattr(self.extra_settings, "input_shape", None),
+        )
+        if register:  # the wrapped network, as the rule trains it (TP: with feedback)
+            self.network = run.network
+        elif run.network is not network:  # subclass style: register only what the rule added
+            extra = {
+                name: child for name, child in run.network.named_children() if child is not network
+            }
+            self._lightning_local_extra = nn.ModuleDict(extra)
+        self.__dict__["_local_run"] = run
+        self.__dict__["_local_source"] = self.network_for_rule()
+        self._build_accuracy(run.network)
 
     def _build_accuracy(self, network: nn.Module) -> None:
         classes = output_width(as_blocks(network))
         if classes is None or classes < 2:
-            self.val_acc = self.test_acc = None
+            self._ll_val_acc = self._ll_test_acc = None
             return
         device = next(network.parameters(), torch.empty(0)).device
-        self.val_acc = MulticlassAccuracy(num_classes=classes, average="micro").to(device)
-        self.test_acc = MulticlassAccuracy(num_classes=classes, average="micro").to(device)
+        self._ll_val_acc = MulticlassAccuracy(num_classes=classes, average="micro").to(device)
+        self._ll_test_acc = MulticlassAccuracy(num_classes=classes, average="micro").to(device)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
@@ -309,23 +471,13 @@ class LocalLearningModule(L.LightningModule):
                 **kwargs,
             )
 
-    # ------------------------------------------------------------------ Lightning hooks
-    def setup(self, stage: str) -> None:
-        """Apply the parametrization before the optimizer and any DDP wrapper exist.
-
-        Raises:
-            LocalLearningError: under a sharding strategy (FSDP, DeepSpeed), which loses the
-                base shapes and gathers weights on every inference step.
-        """
-        if self._trainer is not None:
-            check_supported_strategy(self._trainer.strategy)
-        self.apply_parametrization()
-
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
-        """Load in place after the parametrization is applied (so it never rescales loaded
-        weights); with ``assign=True`` the base shapes are carried over to the new tensors."""
+        """Load in place after the run is wired (so it never rescales loaded weights); with
+        ``assign=True`` the base shapes are carried over to the new tensors. Keys of 0.1.0's
+        duplicate ``_wired.*`` copy are dropped."""
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_wired.")}
         try:
             self.network_for_rule()
         except LocalLearningError:  # no network yet: nothing to wire
@@ -358,20 +510,56 @@ class LocalLearningModule(L.LightningModule):
             if name in shapes and not hasattr(p, "infshape"):
                 p.infshape = shapes[name]
 
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        """Wire the run before the optimizer and any DDP wrapper exist.
+
+        Raises:
+            LocalLearningError: under a sharding strategy (FSDP, DeepSpeed), which loses the
+                base shapes and gathers weights on every inference step.
+        """
+        if self._trainer is not None:
+            check_supported_strategy(self._trainer.strategy)
+        self.apply_parametrization()
+
+    def on_train_start(self) -> None:
+        """Refuse an optimizer that is not the run's (a kept ``configure_optimizers``, a CLI
+        ``--optimizer``): under muP it lacks the per-role learning rates."""
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if len(optimizers) != 1:
+            raise LocalLearningError(
+                f"{type(self).__name__} trains with one optimizer, got {len(optimizers)}. Fix: "
+                "return one optimizer from configure_optimizers (or delete it)."
+            )
+        groups = optimizers[0].param_groups
+        held = {id(p) for group in groups for p in group["params"]}
+        missing = [p for p in self.trained_network.parameters() if p.requires_grad
+                   and id(p) not in held]
+        if missing:
+            raise LocalLearningError(
+                f"the optimizer does not hold {len(missing)} of the rule's parameters. Fix: "
+                "delete your configure_optimizers (the library builds the optimizer), or build "
+                "it with self.local_run.build_optimizer(lr, momentum, weight_decay)."
+            )
+        if self.parametrization.requires_base_shapes and not all("role" in g for g in groups):
+            raise LocalLearningError(
+                "under muP the optimizer needs the per-role learning rates lr * m^-c of the "
+                "parametrization, but its parameter groups carry no 'role' (a configure_optimizers "
+                "of your own, or LightningCLI's --optimizer, replaced them: the run would be SP). "
+                "Fix: delete configure_optimizers / the --optimizer option and set the optimizer "
+                "with the module's settings (optimizer='adam', lr=..., momentum=..., "
+                "weight_decay=...), or build it with self.local_run.build_optimizer(...)."
+            )
+
     def forward(self, x: Tensor) -> Tensor:
         """The network's forward pass ``f(x)``."""
         return self.network_for_rule()(x)
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """A plain ``torch.optim`` optimizer with the parametrization's per-role groups."""
-        rule = self.rule
-        return self.parametrization.build_optimizer(
-            self.parametrized_modules(),
-            self.lr,
-            rule=rule,
-            optimizer=self.optimizer_name,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
+        settings = self.training_settings
+        return self.local_run.build_optimizer(
+            settings.lr, settings.momentum, settings.weight_decay
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -379,21 +567,34 @@ class LocalLearningModule(L.LightningModule):
         inputs, targets = self._split_batch(batch)
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        result = self.rule.training_loss(self.network_for_rule(), inputs, targets)
+        result = self.rule.training_loss(self.trained_network, inputs, targets)
         self.manual_backward(result.surrogate)
         optimizer.step()
         self._step_schedulers("step")
         self._log_training(result, inputs.shape[0])
+        self.__dict__["_local_stepped"] = True
         return result.loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.__dict__["_local_stepped"] = False
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Refuse a ``training_step`` of the user's that does not run the rule."""
+        if not self.__dict__.get("_local_stepped", True):
+            raise LocalLearningError(
+                f"{type(self).__name__}.training_step did not run the rule, so nothing was "
+                "trained. Fix: delete your training_step (the rule's runs the step), or call "
+                "super().training_step(batch, batch_idx) from it."
+            )
 
     def on_train_epoch_end(self) -> None:
         self._step_schedulers("epoch")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_loss, self.val_acc)
+        self._evaluate(batch, "val", self._ll_val_loss, self._ll_val_acc)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_loss, self.test_acc)
+        self._evaluate(batch, "test", self._ll_test_loss, self._ll_test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """The network output for the batch's inputs (a batch or an ``(x, y)`` pair)."""
@@ -413,8 +614,8 @@ class LocalLearningModule(L.LightningModule):
     def _log_training(self, result: StepResult, batch_size: int) -> None:
         """Per-step loss and rule metrics (per-layer ones as ``name/layer_i``); epoch mean loss."""
         self.log("train/loss", result.loss, prog_bar=True, batch_size=batch_size)
-        self.train_loss.update(result.loss)
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        self._ll_train_loss.update(result.loss)
+        self.log("train/loss_epoch", self._ll_train_loss, on_step=False, on_epoch=True)
         for name, value in result.metrics.items():
             value = value.detach()
             if value.dim() == 0:
@@ -460,3 +661,6 @@ class LocalLearningModule(L.LightningModule):
                 config.scheduler.step(monitored)
             else:
                 config.scheduler.step()
+
+
+LocalLearningModule.__init__.__signature__ = _signature(LocalLearningModule)  # type: ignore[attr-defined]
