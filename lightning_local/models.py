@@ -6,7 +6,7 @@ remembers its arguments, so ``net.with_width(w)`` rebuilds the same architecture
 width: that is what muP's base and delta shapes are made from.
 
 Initialization is Gaussian, ``W_l ~ N(0, sigma^2 / fan_in)`` and zero biases: the standard
-parameterization at every width, which a muP parametrization then rescales (spec section 3).
+parameterization at every width, which a muP parametrization then rescales (docs/math.md §3.4).
 """
 
 from __future__ import annotations

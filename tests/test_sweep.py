@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +94,35 @@ def test_a_truncated_last_line_is_ignored_and_that_run_repeated(tmp_path):
     assert (resumed.executed, resumed.skipped) == (1, 7)
     rewritten = path.read_text().splitlines()
     assert len(rewritten) == 8 and all(json.loads(line) for line in rewritten)
+
+
+def test_the_config_and_the_table_are_written_atomically(tmp_path, monkeypatch):
+    """A failed write leaves the previous ``sweep_config.json`` / ``best_lr.md`` whole."""
+    from lightning_local import _atomic
+    from lightning_local.sweeps import runner
+
+    written = []
+
+    def recording(path, text, **kwargs):
+        written.append(Path(path).name)
+        return _atomic.atomic_write_text(path, text, **kwargs)
+
+    monkeypatch.setattr(runner, "atomic_write_text", recording)
+    out = tmp_path / "out"
+    result = sweep(_config(tmp_path, widths=[8]), out, plot=False, log=None)
+    assert written == ["sweep_config.json", "best_lr.md"]
+    assert result.table_path.read_text().startswith(result.table)
+    assert json.loads((out / "sweep_config.json").read_text())["widths"] == [8]
+
+    def failing(path, data, **kwargs):
+        raise OSError("disk full")
+
+    before = {name: (out / name).read_text() for name in written}
+    monkeypatch.setattr(_atomic, "atomic_write_bytes", failing)
+    with pytest.raises(OSError, match="disk full"):
+        sweep(_config(tmp_path, widths=[8]), out, plot=False, log=None)
+    assert {name: (out / name).read_text() for name in written} == before
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_repair_and_append_keep_one_object_per_line(tmp_path):

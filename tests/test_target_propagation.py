@@ -264,6 +264,66 @@ def test_metrics_are_per_layer_finite_and_consistent(feedback_training):
     assert float(result.metrics["bp_angle"][-1]) < 1e-3  # last layer: beta * backprop
 
 
+def _reference_angles(blocks, tp_loss, bp_loss):
+    """Per block, the angle in degrees between the gradients of two losses, from autograd."""
+    angles = []
+    for block in blocks:
+        params = [p for p in block.parameters() if p.requires_grad]
+        if not params:
+            angles.append(float("nan"))
+            continue
+        tp = torch.autograd.grad(tp_loss, params, retain_graph=True, allow_unused=True)
+        bp = torch.autograd.grad(bp_loss, params, retain_graph=True, allow_unused=True)
+        flat = [
+            torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                       for g, p in zip(grads, params)])
+            for grads in (tp, bp)
+        ]
+        cosine = flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm())
+        angles.append(math.degrees(math.acos(max(-1.0, min(1.0, float(cosine))))))
+    return torch.tensor(angles, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(variant="dtp", feedback_training="ridge"),
+        dict(variant="tp", feedback_training="ridge"),
+        dict(variant="dtp", feedback_training="noisy"),
+        dict(variant="dtp", feedback_training="none", layer_weights=[1.0, 0.5, 2.0, 1.0]),
+    ],
+)
+def test_bp_angle_of_every_layer_matches_autograd_on_the_tp_surrogate(loss, settings):
+    """The logged angle of each block against one computed here from the gradients of TP's
+    forward local loss (the surrogate less the feedback loss) and of the output loss."""
+    torch.manual_seed(0)
+    x, y = _data()
+    rule = TargetPropagation(loss, compute_bp_angle=True, **settings)
+    net = rule.build_network(MLP(6, 8, 3, depth=4)).double()
+    result = rule.training_loss(net, x, y)
+    forward_part = result.surrogate - result.metrics.get("feedback_loss", 0.0)
+    blocks = as_blocks(net)
+    expected = _reference_angles(blocks, forward_part, _reference_loss(net(x), y, loss))
+    assert 1.0 < float(expected[0]) < 179.0  # a hidden layer is not along backprop
+    # atol: arccos is ill-conditioned at cos = 1 (the readout), ~1e-6 degrees of rounding
+    torch.testing.assert_close(result.metrics["bp_angle"], expected, rtol=1e-7, atol=1e-5)
+
+
+def test_bp_angle_of_a_block_without_trainable_parameters_is_nan():
+    torch.manual_seed(0)
+    x, y = _data()
+    rule = TargetPropagation(compute_bp_angle=True)
+    net = rule.build_network(MLP(6, 8, 3, depth=3)).double()
+    blocks = as_blocks(net)
+    blocks[1].requires_grad_(False)
+    result = rule.training_loss(net, x, y)
+    expected = _reference_angles(blocks, result.surrogate, _reference_loss(net(x), y, "mse"))
+    angles = result.metrics["bp_angle"]
+    assert math.isnan(float(angles[1])) and math.isnan(float(expected[1]))
+    torch.testing.assert_close(angles, expected, rtol=1e-7, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize(
     "settings",
     [

@@ -20,9 +20,9 @@
   batch) and ``coord/error/layer_<i>`` (``eps_l``, the last entry the output error).
 
 ``<i>`` counts blocks from 0, like the modules' per-layer metrics (``layer_0`` is the first
-block, ``l = 1`` in the spec's notation). Train the same model at several widths with this
-callback and compare the curves: under muP they lie on top of each other, under SP the readout's
-grow with width. For a one-call check across widths use
+block, ``l = 1`` in the notation of docs/math.md §0.1). Train the same model at several widths
+with this callback and compare the curves: under muP they lie on top of each other, under SP the
+readout's grow with width. For a one-call check across widths use
 :func:`lightning_local.diagnostics.coord_check.coord_check`.
 
 **Alignment with backprop.** ``train/bp_cosine/layer_<i>`` is
@@ -197,7 +197,7 @@ def local_update_cosines(
     :func:`~lightning_local.diagnostics.alignment.update_alignment`. Predictive coding with
     F-ini, one SI sweep and FPA has ``cos_l = 1`` (its update is ``gamma_L`` times
     backprop's); at finite width or with other schedules it measures how far PC moves from
-    gradient descent (spec section 4), and for target propagation how far the targets are
+    gradient descent (docs/math.md §4.3, §4.5), and for target propagation how far the targets are
     from the gradient.
 
     Runs the rule once more on the batch (its inference included) under a forked random state,

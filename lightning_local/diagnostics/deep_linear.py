@@ -1,4 +1,4 @@
-"""Deep linear networks: predictive coding's equilibrium in closed form (spec section 4).
+"""Deep linear networks: predictive coding's equilibrium in closed form (docs/math.md §4.2).
 
 Network: ``L`` bias-free linear blocks, ``h_l = W_l h_{l-1}`` (an ``MLP(activation="identity",
 bias=False)`` or any ``nn.Sequential`` of ``nn.Linear`` blocks, optionally followed by
@@ -17,14 +17,14 @@ minimum (F is strictly convex in the states when every ``gamma_l > 0``) is::
 
     mu_L* - y = (I + C)^{-1} (W_{L:1} x - y)
     eps_l*    = -(gamma_L / gamma_l) W_{L:l+1}^T (I + C)^{-1} (W_{L:1} x - y),   l < L
-    C         = sum_{i=2..L} (gamma_L / gamma_{i-1}) W_{L:i} W_{L:i}^T   (C x C, PSD)
+    C         = sum_{i=2..L} (gamma_L / gamma_{i-1}) W_{L:i} W_{L:i}^T   (n_L x n_L, PSD)
     F*        = (gamma_L / 2) sum_b r_b^T (I + C)^{-1} r_b
 
-(The spec writes ``e_l* = -eps_l*``, the error as prediction minus state.) Equivalently the
-hidden errors are the perturbations ``delta_l = eps_l`` of minimal ``sum_l gamma_l ||delta_l||^2``
-with the output softly pulled to ``y``: as ``C -> inf`` the whole residual is redistributed over
-the layers (Gauss-Newton-like), as ``C -> 0`` ``eps_l* -> -(gamma_L/gamma_l) W_{L:l+1}^T r``
-(gradient-like).
+(The paper, Thm. 4.2, writes ``e_l* = -eps_l*``, the error as prediction minus state; see
+docs/math.md §0.4.) Equivalently the hidden errors are the perturbations ``delta_l = eps_l`` of
+minimal ``sum_l gamma_l ||delta_l||^2`` with the output softly pulled to ``y``: as ``C -> inf``
+the whole residual is redistributed over the layers (Gauss-Newton-like), as ``C -> 0``
+``eps_l* -> -(gamma_L/gamma_l) W_{L:l+1}^T r`` (gradient-like).
 
 Weight updates compared here, each as a *gradient* (the update is minus a step size times it),
 batch means, one ``(fan_out, fan_in)`` matrix per layer, with ``J_l = W_{L:l+1}`` (``J_L = I``)

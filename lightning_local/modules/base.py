@@ -119,7 +119,7 @@ def _signature(cls: type) -> inspect.Signature:
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
         inspect.Parameter(
             "network", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-            annotation=typing.Optional[nn.Module],  # noqa: UP007 (read by jsonargparse)
+            annotation=nn.Module | None,
         ),
     ]
     seen: dict[str, type] = {}
@@ -191,8 +191,8 @@ class LocalLearningModule(L.LightningModule):
             A ``{"class_path", "init_args"}`` mapping (as saved in checkpoints) rebuilds a
             :class:`~lightning_local.models.WidthBuilder`.
         **settings: the rule's settings (:attr:`rule_class` ``.Settings``), the module's own
-            (:attr:`module_settings`) and the run's (:class:`~lightning_local.wiring.TrainingSettings`:
-            parametrization, lr, optimizer, ...). ``parametrization`` also takes a
+            (:attr:`module_settings`) and the run's
+            (:class:`~lightning_local.wiring.TrainingSettings`: parametrization, lr, ...). ``parametrization`` also takes a
             :class:`~lightning_local.parametrization.Parametrization` instance.
 
     Class attributes a preset sets:

@@ -1,6 +1,6 @@
 """Width scaling: SP and muP tables per rule and optimizer, applied through mup base shapes.
 
-- :mod:`.tables`: the abc exponents of spec section 3, as data;
+- :mod:`.tables`: the abc exponents of docs/math.md §3.3, as data;
 - :mod:`.roles`: parameter roles (input, hidden, output, vector, scalar, fixed) from
   ``p.infshape``;
 - :mod:`.base_shapes`: attaching base shapes (networks, ``.bsh`` files, width builders),

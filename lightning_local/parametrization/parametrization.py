@@ -204,7 +204,7 @@ class SP(Parametrization):
 
 
 class MuP(Parametrization):
-    """Maximal update parametrization, per rule and optimizer (spec section 3).
+    """Maximal update parametrization, per rule and optimizer (docs/math.md §3.3).
 
     Args:
         output_weight_exponent: PC's ``g``: ``gamma_L = gamma_L' m^{-g}`` and PC-SGD's lr

@@ -1,4 +1,4 @@
-"""The abc tables of spec section 3, as data.
+"""The abc tables of docs/math.md §3.3 (the abc form of §3.1; paper, Eq. (8)), as data.
 
 A weight of role ``r`` is initialized as ``W ~ N(0, sigma^2 M^{-2 b_r})`` (the input layer's
 variance is relative to ``1/d0``) and trained with the learning rate

@@ -1,6 +1,6 @@
 """Feedback networks ``g_2 .. g_L`` for target propagation, built from the forward blocks.
 
-``g_l`` maps block ``l``'s output ``h_l`` back to its input ``h_{l-1}`` (spec section 2). It is
+``g_l`` maps block ``l``'s output ``h_l`` back to its input ``h_{l-1}`` (docs/math.md §2.1). It is
 read off the forward block ``f_l``:
 
 - a block whose only weight layer is an ``nn.Linear`` (optionally after ``nn.Flatten`` and
@@ -17,7 +17,7 @@ read off the forward block ``f_l``:
 maps are bias-free (the theory's ``g_l(h) = Q_l h``) and initialised like a forward layer of
 the same shape, ``N(0, sigma^2 / fan_in)``.
 
-The closed-form feedback (spec section 2a) is the ridge optimum on the batch,
+The closed-form feedback (docs/math.md §2.5) is the ridge optimum on the batch,
 ``Q_l* = argmin_Q ||Q H_l - H_{l-1}||^2 + mu_l ||Q||^2`` with ``H_l`` the ``n_l x B`` matrix of
 batch features, solved in the primal form ``Q = (H_{l-1} H_l^T)(H_l H_l^T + mu I)^{-1}`` from
 batch sums (so summing the two Gram matrices across processes gives the global-batch optimum)

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+# ``rms`` lives in diagnostics.measures; re-exported here for ``from ...rules.base import rms``
+from lightning_local.diagnostics.measures import rms  # noqa: F401
 from lightning_local.errors import LocalLearningError, NonFiniteEnergyError
 from lightning_local.losses import LossName, OutputLoss, get_loss
 from lightning_local.network import as_blocks, feedforward
@@ -287,13 +289,6 @@ class LocalRule(ABC):
     def result_hparams(self) -> dict[str, object]:
         """:meth:`hparams` less the settings that cannot change the weights (run keys)."""
         return {"rule": self.name, "loss": self.loss.name, **self.settings.result_dict()}
-
-
-def rms(value: Tensor) -> Tensor:
-    """Root mean square ``sqrt(mean(value^2))`` (0 for an empty tensor)."""
-    if value.numel() == 0:
-        return value.new_zeros(())
-    return value.detach().pow(2).mean().sqrt()
 
 
 def finite_or_nan(value: float) -> float:

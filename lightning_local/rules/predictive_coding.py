@@ -1,7 +1,7 @@
 """Predictive coding (PC): inference on value nodes, then local weight updates.
 
-Notation (spec section 1). Blocks ``f_1 .. f_L``; the input ``x_0`` is clamped to the data;
-hidden value nodes ``x_1 .. x_{L-1}`` sit at block outputs; predictions
+Notation (docs/math.md §0.1, §1.1). Blocks ``f_1 .. f_L``; the input ``x_0`` is clamped to
+the data; hidden value nodes ``x_1 .. x_{L-1}`` sit at block outputs; predictions
 ``mu_l = f_l(x_{l-1})``. The energy, a per-sample *sum* over the batch, is
 
     F(x; W) = sum_{l<L} (gamma_l / 2) ||x_l - mu_l||^2  +  gamma_L * sum_b loss(mu_L, y)
@@ -27,7 +27,7 @@ Weight update (batch mean): ``Delta W_l = -eta_l dF/dW_l / B``, i.e. for hidden 
 (FPA) the predictions and their inputs are the feedforward ones (``mu_l = f_l(h_{l-1})``);
 without it they are recomputed at the post-inference states (``mu_l = f_l(x_{l-1})``).
 
-FPA, as the spec defines it, changes the weight update only: inference always descends the
+FPA, as docs/math.md §1.6 defines it, changes the weight update only: inference always descends the
 energy above (live predictions). With one SI sweep this is exact backprop; with several steps or
 inference to convergence the error ``x_l - h_l`` used under FPA also carries the state moves
 of the layers below, so the usual choice there is ``fixed_prediction=False``.
@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_local.diagnostics.measures import rms
 from lightning_local.errors import LocalLearningError
 from lightning_local.losses import LossName, OutputLoss
 from lightning_local.network import as_blocks, shape_errors
@@ -57,7 +58,6 @@ from lightning_local.rules.base import (
     StepResult,
     check_finite,
     local_losses,
-    rms,
     setting,
 )
 

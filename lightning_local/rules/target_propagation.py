@@ -1,4 +1,4 @@
-"""Target propagation (TP) and difference target propagation (DTP), spec section 2.
+"""Target propagation (TP) and difference target propagation (DTP), docs/math.md §2.
 
 Forward blocks ``f_l`` (``h_l = f_l(h_{l-1})``, ``f = h_L``) and feedback maps ``g_l`` for
 ``l = 2 .. L`` (``g_l`` maps layer ``l`` back to layer ``l-1``). Per batch:
@@ -34,6 +34,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_local.diagnostics.alignment import update_alignment
+from lightning_local.diagnostics.measures import rms
 from lightning_local.errors import LocalLearningError, UnsupportedNetworkError
 from lightning_local.losses import LossName, OutputLoss
 from lightning_local.models import CNN
@@ -51,7 +53,6 @@ from lightning_local.rules.base import (
     StepResult,
     check_finite,
     local_loss,
-    rms,
     setting,
 )
 
@@ -203,7 +204,7 @@ class TargetPropagation(LocalRule):
             ``variant``, ``beta``, ``feedback``, ``feedback_training``, ``ridge`` (``mu'``;
             layer ``l`` uses ``mu_l = mu' * n_l`` with ``n_l`` the size of ``h_l``, so the
             penalty keeps pace with the Gram eigenvalues ``H_l^T H_l = Theta(n_l)``: the
-            ridge scales like the width, paper Sec. 4), ``ridge_noise`` (the closed form
+            ridge scales like the width, docs/math.md §2.5), ``ridge_noise`` (the closed form
             then minimizes the expected noisy reconstruction loss on the batch; large values
             give the pseudo-inverse ``W_l^+`` for an affine block, see :meth:`fit_feedback`),
             ``noise_std``, ``feedback_steps`` (``k``), ``layer_weights`` (``w_l``) and
@@ -428,28 +429,15 @@ class TargetPropagation(LocalRule):
     def _bp_angles(
         self, blocks: Sequence[nn.Module], inputs: Tensor, targets: Tensor, forward_loss: Tensor
     ) -> Tensor:
-        """Per block, the angle in degrees between the TP and backprop weight gradients."""
+        """Per block, the angle in degrees between the TP and backprop weight gradients.
+
+        Measured by :func:`~lightning_local.diagnostics.alignment.update_alignment` (NaN for a
+        block without trainable parameters), docs/math.md §2.9 and §4.5.
+        """
         groups = [[p for p in block.parameters() if p.requires_grad] for block in blocks]
         params = [p for group in groups for p in group]
         tp = torch.autograd.grad(forward_loss, params, retain_graph=True, allow_unused=True)
         with torch.enable_grad():
             bp_loss = self.loss.mean(feedforward(blocks, inputs)[-1], targets)
         bp = torch.autograd.grad(bp_loss, params, allow_unused=True)
-        angles, start = [], 0
-        for group in groups:
-            end = start + len(group)
-            a = _flat(tp[start:end], group, inputs)
-            b = _flat(bp[start:end], group, inputs)
-            start = end
-            cosine = torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-30)
-            angles.append(torch.rad2deg(torch.arccos(cosine.clamp(-1.0, 1.0))))
-        return torch.stack(angles).detach()
-
-
-def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor], like: Tensor) -> Tensor:
-    """Concatenated flat gradients (zeros for unused parameters; NaN angle for no params)."""
-    if not params:
-        return like.new_zeros(1)
-    return torch.cat([
-        (torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)
-    ])
+        return update_alignment(groups, tp, bp, measure="angle")

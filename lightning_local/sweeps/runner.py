@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from lightning_local._atomic import atomic_write_text
 from lightning_local.errors import LocalLearningError, NonFiniteEnergyError
 from lightning_local.rules.base import LocalRule
 from lightning_local.sweeps.experiment import (
@@ -348,7 +349,7 @@ def sweep(
     finished = {record.get("key") for record in read_results(results_path)}
     pending = [spec for spec in specs if spec["key"] not in finished]
     skipped = len(specs) - len(pending)
-    (folder / "sweep_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    atomic_write_text(folder / "sweep_config.json", json.dumps(asdict(config), indent=2) + "\n")
     log(f"sweep: {len(specs)} runs, {skipped} already finished, {len(pending)} to run "
         f"({workers} worker{'s' if workers > 1 else ''}) -> {results_path}")
     if pending:
@@ -382,7 +383,8 @@ def sweep(
     )
     seconds = time.perf_counter() - begin
     table_path = folder / "best_lr.md"
-    table_path.write_text(
+    atomic_write_text(
+        table_path,
         table + f"\n\nThis call: {len(pending)} runs in {_clock(seconds)} wall time "
         f"({workers} worker{'s' if workers > 1 else ''}); summed run time {_clock(run_seconds)}."
         + "\n"
