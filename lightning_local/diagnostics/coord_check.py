@@ -61,6 +61,7 @@ from lightning_local.diagnostics.measures import (
 from lightning_local.errors import LocalLearningError, NonFiniteEnergyError
 from lightning_local.network import as_blocks
 from lightning_local.rules.predictive_coding import PredictiveCoding
+from lightning_local.sweeps.components import DataSpec, ModelSpec
 from lightning_local.sweeps.experiment import build_experiment, load_dataset, parse_variant
 
 if TYPE_CHECKING:
@@ -242,6 +243,9 @@ def coord_check(
     loss: str = "mse",
     output_weight_exponent: float = 0.0,
     zero_readout: bool = False,
+    model: Any = None,
+    data: Any = None,
+    optimizer: str = "sgd",
     output: str | os.PathLike[str] | None = None,
     log: Any = None,
     log_to: Logger | Iterable[Logger] | None = None,
@@ -267,6 +271,13 @@ def coord_check(
             its random backward path adds a part to the updates that shrinks like
             ``M^{-1/2}``: over widths 64 .. 1024 that reads as slopes of about -0.3 to -0.4
             for BP and PC. A zero readout removes it and leaves the muP limit's flat slopes.
+        model: the network at each width: ``None`` (the built-in MLP with ``depth``,
+            ``activation``, ``bias``), a class or function with a width argument, a
+            ``LocalLearningModule`` class, or ``{class_path, init_args, width_argument}``
+            (see :mod:`lightning_local.sweeps.components`).
+        data: ``None`` (``dataset``), a ``LightningDataModule`` (class, instance or
+            ``{class_path, init_args}``) or ``(x_train, y_train, x_test, y_test)``.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
         output: folder for the JSON, the slope table and the figures.
         log: a callable receiving progress lines (``None``: silent).
         log_to: Lightning loggers that get the settings as hyperparameters and, the
@@ -288,10 +299,17 @@ def coord_check(
         activation=activation, bias=bias, loss=loss,
         output_weight_exponent=output_weight_exponent, zero_readout=zero_readout,
     )
-    data = load_dataset(dataset, data_dir, num_samples)
+    model_spec, data_spec = ModelSpec.of(model), DataSpec.of(data)
+    if model_spec is not None:
+        settings["model"] = model_spec.to_dict()
+    if data_spec is not None:
+        settings["data"] = data_spec.to_dict()
+    if optimizer != "sgd":
+        settings["optimizer"] = optimizer
+    data = load_dataset(dataset, data_dir, num_samples, data=data_spec)
     build = dict(base_width=base_width or widths[0], depth=depth, activation=activation,
                  bias=bias, loss=loss, output_weight_exponent=output_weight_exponent,
-                 zero_readout=zero_readout)
+                 zero_readout=zero_readout, model=model_spec, optimizer=optimizer)
     records: list[dict[str, Any]] = []
     for rule in rules:
         name = parse_variant(rule).name
@@ -347,12 +365,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     in ``<output>/wandb/``.
     """
     from lightning_local.diagnostics.loggers import add_wandb_arguments, command_wandb_run
+    from lightning_local.sweeps.config_file import config_path, read_config, split_config
 
     parser = argparse.ArgumentParser(
         prog="lightning-local coord-check",
         description="Per-layer rms sizes (activations, PC states/errors, TP targets, weight "
         "updates) after steps 1..k across widths, their slopes against width, JSON and plots.",
     )
+    parser.add_argument("--config", default=None,
+                        help="YAML file of these options plus model and data "
+                        "(class_path/init_args); command-line options override it")
     parser.add_argument("--rules", nargs="+", default=["bp", "pc-si-fpa", "pc-si", "pc-sim",
                                                        "dtp"],
                         help="rule variants: bp, pc-si-fpa, pc-si, pc-sim, dtp, tp "
@@ -372,6 +394,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="start the readout's weights at 0 (mup's readout_zero_init)")
     parser.add_argument("--output", default="coord_check", help="output folder")
     add_wandb_arguments(parser)
+    try:
+        extra: dict[str, Any] = {}
+        path = config_path(argv)
+        if path is not None:
+            defaults, extra = split_config(
+                read_config(path), parser, ("model", "data", "optimizer", "loss", "depth",
+                                            "activation", "bias", "probe_size"),
+            )
+            parser.set_defaults(**defaults)
+    except LocalLearningError as error:
+        print(f"lightning-local coord-check: {error}", file=sys.stderr)
+        return 2
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         with command_wandb_run(args, f"coord-check-{Path(args.output).name}",
@@ -381,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seeds=args.seeds, batch_size=args.batch_size, dataset=args.dataset,
                 data_dir=args.data_dir, num_samples=args.num_samples,
                 base_width=args.base_width, output_weight_exponent=args.output_weight_exponent,
-                zero_readout=args.zero_readout, output=args.output,
+                zero_readout=args.zero_readout, output=args.output, **extra,
                 log=lambda line: print(line, file=sys.stderr, flush=True), log_to=log_to,
             )
     except LocalLearningError as error:

@@ -192,7 +192,8 @@ class LocalLearningModule(L.LightningModule):
             :class:`~lightning_local.models.WidthBuilder`.
         **settings: the rule's settings (:attr:`rule_class` ``.Settings``), the module's own
             (:attr:`module_settings`) and the run's
-            (:class:`~lightning_local.wiring.TrainingSettings`: parametrization, lr, ...). ``parametrization`` also takes a
+            (:class:`~lightning_local.wiring.TrainingSettings`: parametrization, lr, ...).
+            ``parametrization`` also takes a
             :class:`~lightning_local.parametrization.Parametrization` instance.
 
     Class attributes a preset sets:

@@ -3,6 +3,8 @@
     lightning-local sweep --rules bp pc-si dtp --widths 64 256 1024 --log2-lr -8 1 \\
         --epochs 5 --output runs/transfer
 
+    lightning-local sweep --config sweep.yaml        # your model and data, see config_file
+
 Rerunning the same command skips the runs already in ``<output>/results.jsonl``. With
 ``--wandb`` the arguments, ``transfer.png`` and the best-lr table also go to an offline W&B run
 in ``<output>/wandb/`` (``wandb sync <run folder>`` uploads it).
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from lightning_local.errors import LocalLearningError
 from lightning_local.loggers import add_wandb_arguments, command_wandb_run
+from lightning_local.sweeps.config_file import config_path, read_config, split_config
 from lightning_local.sweeps.experiment import RULE_VARIANTS
 from lightning_local.sweeps.results import METRICS
 from lightning_local.sweeps.runner import SweepConfig, log2_grid, sweep
@@ -33,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         "results.jsonl and transfer.png, print the best lr per width and its shift. "
         "Rerunning the same command skips finished runs.",
     )
+    parser.add_argument("--config", default=None,
+                        help="YAML file of these options plus model and data "
+                        "(class_path/init_args); command-line options override it")
     grid = parser.add_argument_group("grid")
     grid.add_argument("--rules", nargs="+", default=["bp"],
                       help=f"rule variants: {', '.join(RULE_VARIANTS)}; overrides after a "
@@ -81,7 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-local sweep``; returns the exit code."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    parser = build_parser()
+    try:
+        extra: dict = {}
+        path = config_path(argv)
+        if path is not None:
+            defaults, extra = split_config(
+                read_config(path), parser, ("model", "data", "optimizer", "data_seed",
+                                            "divergence_factor")
+            )
+            parser.set_defaults(**defaults)
+    except LocalLearningError as error:
+        print(f"lightning-local sweep: {error}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         if args.log2_lr is not None and len(args.log2_lr) not in (2, 3):
             raise LocalLearningError(
@@ -95,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size, base_width=args.base_width, depth=args.depth,
             activation=args.activation, bias=args.bias, loss=args.loss,
             momentum=args.momentum, output_weight_exponent=args.output_weight_exponent,
-            zero_readout=args.zero_readout,
+            zero_readout=args.zero_readout, **extra,
         )
         with command_wandb_run(args, f"sweep-{Path(args.output).name}", args.output) as log_to:
             result = sweep(

@@ -1,12 +1,14 @@
 """One experiment = a rule variant x a parametrization x a width x a learning rate x a seed.
 
 This module names the rule variants a sweep or a coordinate check compares, loads a data set
-into memory once per process, and wires a network, a rule and an optimizer for one run:
+into memory once per process, and builds one run: the network at width M from the model (the
+built-in MLP or the user's, see :mod:`lightning_local.sweeps.components`), wired by
+:func:`lightning_local.wiring.wire` like the Lightning modules:
 
     network at width M  ->  base shapes (muP)  ->  init rescale  ->  PC's gamma_L = gamma_L' m^{-g}
                         ->  plain torch.optim with per-role lr  eta_l = eta' m^{-c_l}
 
-with ``m = M / M_base`` (spec section 3). At the base width SP and muP coincide.
+with ``m = M / M_base`` (docs/math.md §3). At the base width SP and muP coincide.
 
 Rule variants (names used on the command line and in ``results.jsonl``):
 
@@ -37,16 +39,11 @@ from torch import Tensor, nn
 
 from lightning_local.errors import LocalLearningError
 from lightning_local.models import MLP
-from lightning_local.network import as_blocks
-from lightning_local.parametrization import (
-    MuP,
-    Parametrization,
-    get_parametrization,
-    set_base_shapes,
-)
+from lightning_local.parametrization import Parametrization
 from lightning_local.rules import get_rule_class
 from lightning_local.rules.base import LocalRule
-from lightning_local.rules.predictive_coding import PredictiveCoding
+from lightning_local.sweeps.components import DataSpec, ModelSpec, NetworkFactory
+from lightning_local.wiring import make_parametrization, wire
 
 __all__ = [
     "RULE_VARIANTS",
@@ -56,6 +53,7 @@ __all__ = [
     "parse_variant",
     "make_parametrization",
     "build_experiment",
+    "network_factory",
     "load_dataset",
 ]
 
@@ -132,15 +130,6 @@ def parse_variant(spec: str | RuleVariant) -> RuleVariant:
     return RuleVariant(canonical, family, kwargs)
 
 
-def make_parametrization(
-    spec: str | Parametrization, output_weight_exponent: float = 0.0
-) -> Parametrization:
-    """``SP()`` for ``"sp"``; ``MuP(output_weight_exponent)`` for ``"mup"``; or ``spec``."""
-    if isinstance(spec, str) and spec.lower() == "mup":
-        return MuP(output_weight_exponent=output_weight_exponent)
-    return get_parametrization(spec)
-
-
 @dataclass
 class Experiment:
     """A wired run: the network (TP: with its feedback maps), the rule and the optimizer."""
@@ -151,14 +140,38 @@ class Experiment:
     parametrization: Parametrization
 
 
+def network_factory(
+    model: ModelSpec | NetworkFactory | Mapping[str, Any] | str | None,
+    *,
+    in_features: int | None = None,
+    num_classes: int | None = None,
+    depth: int = 3,
+    activation: str = "tanh",
+    bias: bool = False,
+) -> NetworkFactory:
+    """``width -> network``: the user's model (see :mod:`lightning_local.sweeps.components`)
+    or, for ``None``, the built-in :class:`~lightning_local.models.MLP` (``depth`` weight
+    layers, no biases by default, as in the paper's probe)."""
+    spec = ModelSpec.of(model)
+    if spec is not None:
+        return spec.factory()
+    if in_features is None or num_classes is None:
+        raise LocalLearningError("the built-in MLP needs in_features and num_classes.")
+
+    def mlp(width: int) -> nn.Module:
+        return MLP(in_features, width, num_classes, depth, activation, bias=bias)
+
+    return mlp
+
+
 def build_experiment(
     variant: str | RuleVariant,
     parametrization: str | Parametrization,
     width: int,
     lr: float,
     *,
-    in_features: int,
-    num_classes: int,
+    in_features: int | None = None,
+    num_classes: int | None = None,
     base_width: int = 64,
     depth: int = 3,
     activation: str = "tanh",
@@ -168,40 +181,29 @@ def build_experiment(
     momentum: float = 0.0,
     optimizer: str = "sgd",
     zero_readout: bool = False,
+    model: ModelSpec | NetworkFactory | Mapping[str, Any] | str | None = None,
 ) -> Experiment:
     """Build and wire one run at ``width`` (seed the generator first for a reproducible init).
 
-    The network is :class:`~lightning_local.models.MLP` (``depth`` weight layers, no biases by
-    default, as in the paper's probe); under muP its base shapes come from the same builder at
-    ``base_width``. PC's output weight becomes ``gamma_L = gamma_L' m^{-g}``.
-    ``zero_readout`` sets the readout's weights to 0 after the init (``mup``'s
-    ``readout_zero_init``): the output starts at 0 at every width, the muP limit's value.
+    The network comes from :func:`network_factory` (``model``; the built-in MLP by default)
+    and is wired by :func:`lightning_local.wiring.wire`, the same seam the Lightning modules
+    use: under muP its base shapes come from the network's width builder, else from the same
+    factory at ``base_width`` and ``2 * base_width``. ``zero_readout`` sets the readout's
+    weights to 0 after the init (``mup``'s ``readout_zero_init``).
     """
     variant = parse_variant(variant)
-    param = make_parametrization(parametrization, output_weight_exponent)
+    factory = network_factory(model, in_features=in_features, num_classes=num_classes,
+                              depth=depth, activation=activation, bias=bias)
     rule = variant.build(loss)
-    network: nn.Module = MLP(in_features, width, num_classes, depth, activation, bias=bias)
-    if variant.family == "tp":
-        network = rule.build_network(network)  # type: ignore[attr-defined]
-    if param.requires_base_shapes:
-        set_base_shapes(network, base_width)
-    param.initialize(network, rule, optimizer)
-    if zero_readout:
-        _zero_readout(network)
-    if isinstance(rule, PredictiveCoding):
-        rule.output_weight = param.output_weight(rule.output_weight, network, rule)
-    opt = param.build_optimizer(network, lr, rule=rule, optimizer=optimizer, momentum=momentum)
-    return Experiment(network, rule, opt, param)
-
-
-@torch.no_grad()
-def _zero_readout(network: nn.Module) -> None:
-    linears = [m for m in as_blocks(network)[-1].modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise LocalLearningError(
-            "zero_readout needs a readout block with an nn.Linear. Fix: zero_readout=False."
-        )
-    linears[-1].weight.zero_()
+    network = factory(int(width))
+    builder = callable(getattr(network, "with_width", None))
+    run = wire(
+        network, rule, parametrization, optimizer=optimizer,
+        output_weight_exponent=output_weight_exponent, base_width=base_width,
+        width_factory=None if builder else factory, zero_readout=zero_readout,
+    )
+    opt = run.build_optimizer(lr, momentum)
+    return Experiment(run.network, run.rule, opt, run.parametrization)
 
 
 _DATA_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
@@ -212,16 +214,25 @@ def load_dataset(
     data_dir: str | os.PathLike[str] | None = None,
     num_samples: int = 5000,
     data_seed: int = 42,
+    data: DataSpec | Any = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x_train, y_train, x_test, y_test)`` in memory, inputs standardized per coordinate
-    with the training statistics (cached per process).
+    """``(x_train, y_train, x_test, y_test)`` in memory (cached per process).
 
-    ``"mnist1d"`` is generated locally (``num_samples`` signals, 80 % train); ``"fashion-mnist"``
-    is read from ``data_dir`` and flattened to 784-vectors.
+    With ``data`` (a data module, tensors or their spec, see
+    :mod:`lightning_local.sweeps.components`) that data as it is; otherwise the built-in sets,
+    inputs standardized per coordinate with the training statistics: ``"mnist1d"`` is
+    generated locally (``num_samples`` signals, 80 % train); ``"fashion-mnist"`` is read from
+    ``data_dir`` and flattened to 784-vectors.
 
     Raises:
         DatasetNotFoundError: FashionMNIST's files are not in ``data_dir``.
     """
+    spec = DataSpec.of(data)
+    if spec is not None:
+        data_key = ("data", json.dumps(spec.to_dict(), sort_keys=True), id(spec.target))
+        if data_key not in _DATA_CACHE:
+            _DATA_CACHE[data_key] = spec.load()
+        return _DATA_CACHE[data_key]
     key = (name, None if data_dir is None else os.fspath(data_dir), num_samples, data_seed)
     if key in _DATA_CACHE:
         return _DATA_CACHE[key]

@@ -20,9 +20,9 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,9 @@ from torch import Tensor, nn
 from lightning_local._atomic import atomic_write_text
 from lightning_local.errors import LocalLearningError, NonFiniteEnergyError
 from lightning_local.rules.base import LocalRule
+from lightning_local.sweeps.components import DataSpec, ModelSpec
 from lightning_local.sweeps.experiment import (
+    Experiment,
     build_experiment,
     load_dataset,
     make_parametrization,
@@ -48,11 +50,12 @@ from lightning_local.sweeps.results import (
     repair_results,
     run_key,
 )
+from lightning_local.wiring import OPTIMIZERS
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import Logger
 
-__all__ = ["SweepConfig", "SweepResult", "sweep", "train_run", "log2_grid"]
+__all__ = ["SweepConfig", "SweepResult", "build_trial", "log2_grid", "sweep", "train_run"]
 
 
 def log2_grid(start: float, stop: float, step: float = 1.0) -> list[float]:
@@ -86,6 +89,13 @@ class SweepConfig:
         output_weight_exponent: muP's ``g`` for PC.
         divergence_factor: a batch loss above this times the first batch loss is divergence.
         zero_readout: start the readout's weights at 0 (``mup``'s ``readout_zero_init``).
+        model: the network at each width: ``None`` (the built-in MLP with ``depth``,
+            ``activation``, ``bias``), a class or function with a width argument, a
+            ``LocalLearningModule`` class, or ``{class_path, init_args, width_argument}``
+            (see :mod:`lightning_local.sweeps.components`).
+        data: ``None`` (``dataset``), a ``LightningDataModule`` (class, instance or
+            ``{class_path, init_args}``) or ``(x_train, y_train, x_test, y_test)``.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"`` (muP's tables for each).
     """
 
     rules: Sequence[str] = ("bp",)
@@ -109,8 +119,18 @@ class SweepConfig:
     output_weight_exponent: float = 0.0
     divergence_factor: float = 100.0
     zero_readout: bool = False
+    model: Any = None
+    data: Any = None
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
+        self.model = ModelSpec.of(self.model)
+        self.data = DataSpec.of(self.data)
+        if str(self.optimizer).lower() not in OPTIMIZERS:
+            raise LocalLearningError(
+                f"unknown optimizer {self.optimizer!r}. Fix: use one of {list(OPTIMIZERS)}."
+            )
+        self.optimizer = str(self.optimizer).lower()
         for name in ("rules", "parametrizations", "widths", "lrs", "seeds"):
             if not list(getattr(self, name)):
                 raise LocalLearningError(
@@ -124,6 +144,13 @@ class SweepConfig:
             parse_variant(rule)
         for param in self.parametrizations:
             make_parametrization(param, self.output_weight_exponent)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain JSON values (the model and data as their specs)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("model", "data"):
+            values[name] = None if values[name] is None else values[name].to_dict()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     def run_specs(self) -> list[dict[str, Any]]:
         """One spec per run (with its ``key``), in the order rules, params, widths, lrs, seeds."""
@@ -150,10 +177,22 @@ class SweepConfig:
                                 output_weight_exponent=self.output_weight_exponent,
                                 divergence_factor=self.divergence_factor,
                             )
-                            if self.zero_readout:  # keeps the keys of earlier sweeps valid
+                            # only non-default entries: keeps the keys of earlier sweeps valid
+                            if self.zero_readout:
                                 spec["zero_readout"] = True
+                            if self.optimizer != "sgd":
+                                spec["optimizer"] = self.optimizer
+                            if self.model is not None:
+                                spec["model"] = self.model.to_dict()
+                                for name in ("depth", "activation", "bias"):
+                                    spec.pop(name)
+                            if self.data is not None:
+                                spec["data"] = self.data.to_dict()
+                                for name in ("dataset", "num_samples", "data_seed"):
+                                    spec.pop(name)
                             spec["key"] = run_key(spec)
                             spec["_param"], spec["_data_dir"] = param, self.data_dir
+                            spec["_model"], spec["_data"] = self.model, self.data
                             specs.append(spec)
         return specs
 
@@ -205,25 +244,44 @@ def _evaluate(rule: LocalRule, network: nn.Module, x: Tensor, y: Tensor) -> tupl
     return loss_sum / x.shape[0], correct / x.shape[0]
 
 
-def train_run(spec: dict[str, Any]) -> dict[str, Any]:
+def _spec_data(spec: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return load_dataset(
+        spec.get("dataset", "mnist1d"), spec.get("_data_dir"), spec.get("num_samples", 5000),
+        spec.get("data_seed", 42), data=spec.get("_data") or spec.get("data"),
+    )
+
+
+def build_trial(spec: Mapping[str, Any]) -> Experiment:
+    """The wired run of one spec of :meth:`SweepConfig.run_specs` (seed torch first)."""
+    x_train, y_train, _, _ = _spec_data(spec)
+    return build_experiment(
+        spec["rule"], spec.get("_param", spec["parametrization"]), spec["width"], spec["lr"],
+        in_features=int(x_train[0].numel()), num_classes=int(y_train.max()) + 1,
+        base_width=spec["base_width"], depth=spec.get("depth", 3),
+        activation=spec.get("activation", "tanh"), bias=spec.get("bias", False),
+        loss=spec["loss"], momentum=spec["momentum"],
+        output_weight_exponent=spec["output_weight_exponent"],
+        optimizer=spec.get("optimizer", "sgd"), zero_readout=spec.get("zero_readout", False),
+        model=spec.get("_model") or spec.get("model"),
+    )
+
+
+def train_run(spec: dict[str, Any], *, keep: list[Experiment] | None = None) -> dict[str, Any]:
     """Train one run described by a spec of :meth:`SweepConfig.run_specs`; return its record.
 
-    The global torch random state is restored afterwards (``torch.random.fork_rng``).
+    The init is seeded with the run's seed and the minibatches are slices of a permutation
+    drawn per epoch by a generator seeded with it, so a ``Trainer.fit`` of the same module
+    with the same seed and batch order ends with the same weights. The global torch random
+    state is restored afterwards (``torch.random.fork_rng``). ``keep``, when given, receives
+    the trained run.
     """
-    x_train, y_train, x_test, y_test = load_dataset(
-        spec["dataset"], spec.get("_data_dir"), spec["num_samples"], spec["data_seed"]
-    )
+    x_train, y_train, x_test, y_test = _spec_data(spec)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec["seed"])
-        experiment = build_experiment(
-            spec["rule"], spec.get("_param", spec["parametrization"]), spec["width"], spec["lr"],
-            in_features=int(x_train[0].numel()), num_classes=int(y_train.max()) + 1,
-            base_width=spec["base_width"], depth=spec["depth"], activation=spec["activation"],
-            bias=spec["bias"], loss=spec["loss"], momentum=spec["momentum"],
-            output_weight_exponent=spec["output_weight_exponent"],
-            zero_readout=spec.get("zero_readout", False),
-        )
+        experiment = build_trial(spec)
+        if keep is not None:
+            keep.append(experiment)
         rule, network = experiment.rule, experiment.network
         generator = torch.Generator().manual_seed(spec["seed"])
         budget = spec["steps"]
@@ -349,11 +407,11 @@ def sweep(
     finished = {record.get("key") for record in read_results(results_path)}
     pending = [spec for spec in specs if spec["key"] not in finished]
     skipped = len(specs) - len(pending)
-    atomic_write_text(folder / "sweep_config.json", json.dumps(asdict(config), indent=2) + "\n")
+    atomic_write_text(folder / "sweep_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     log(f"sweep: {len(specs)} runs, {skipped} already finished, {len(pending)} to run "
         f"({workers} worker{'s' if workers > 1 else ''}) -> {results_path}")
     if pending:
-        load_dataset(config.dataset, config.data_dir, config.num_samples, config.data_seed)
+        _spec_data(pending[0])
     run_seconds = 0.0
 
     def finish(record: dict[str, Any], done: int) -> None:
@@ -410,7 +468,7 @@ def _log_sweep(
 
     loggers = [loggers] if isinstance(loggers, Logger) else list(loggers)
     for logger in loggers:
-        logger.log_hyperparams({**asdict(config), "metric": metric})
+        logger.log_hyperparams({**config.to_dict(), "metric": metric})
     if plot_path is not None:
         log_figure(loggers, "figures/transfer", plot_path)
     log_table(loggers, "tables/best_lr", [
