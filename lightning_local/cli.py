@@ -15,6 +15,7 @@ by one line in that table, or at run time with :func:`register_subcommand`.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,11 +84,6 @@ def _lightning_cli_class() -> type:
         """``LightningCLI`` over the library's modules, MNIST-1D data by default, and a
         Trainer whose checkpoints are written atomically."""
 
-        def add_arguments_to_parser(self, parser: Any) -> None:
-            parser.set_defaults(
-                {"data": {"class_path": "lightning_local.data.MNIST1DDataModule"}}
-            )
-
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             from lightning_local.modules.checkpoint import AtomicCheckpointIO
 
@@ -111,6 +107,10 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
 
     from lightning_local.modules import LocalLearningModule
 
+    if os.getcwd() not in sys.path and "" not in sys.path:  # --model mymodule.MyModule
+        sys.path.insert(0, os.getcwd())
+    if args is not None:
+        args = _with_default_data(list(args))
     options: dict[str, Any] = dict(
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -121,6 +121,42 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
     return _lightning_cli_class()(
         LocalLearningModule, L.LightningDataModule, args=args, run=run, **options
     )
+
+
+DEFAULT_DATA = "lightning_local.data.MNIST1DDataModule"
+
+
+def _with_default_data(args: list[str]) -> list[str]:
+    """``args`` with ``--data MNIST1DDataModule`` after the subcommand when neither the
+    command line nor a ``--config`` file names a data module.
+
+    The default is added only then, so a user's own data module keeps its own defaults
+    (a parser-wide default would carry MNIST-1D's batch size and seed over to it).
+    """
+    if not args or args[0] not in LIGHTNING_SUBCOMMANDS:
+        return args
+    if any(a == "--data" or a.startswith("--data=") for a in args):
+        return args
+    for index, arg in enumerate(args):
+        path = None
+        if arg == "--config" and index + 1 < len(args):
+            path = args[index + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        if path and _config_names_data(path):
+            return args
+    return [args[0], "--data", DEFAULT_DATA, *args[1:]]
+
+
+def _config_names_data(path: str) -> bool:
+    import yaml
+
+    try:
+        with open(path) as handle:
+            config = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # LightningCLI reports the file itself
+    return isinstance(config, dict) and bool(config.get("data"))
 
 
 def _usage() -> str:

@@ -19,7 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_local._settings_cli import add_settings_arguments, settings_from_args
+from lightning_local.rules.predictive_coding import PredictiveCodingSettings
+
 __all__ = ["build_parser", "main", "run"]
+
+PC_OPTIONS = ("inference", "inference_steps", "inference_lr", "fixed_prediction",
+              "output_weight", "tolerance")
+"""The predictive-coding settings the quickstart exposes (declared by the rule)."""
 
 DEFAULTS: dict[str, Any] = dict(
     rule="pc",
@@ -30,9 +37,6 @@ DEFAULTS: dict[str, Any] = dict(
     batch_size=128,
     lr=0.1,
     momentum=0.9,
-    inference="sequential",
-    inference_steps=1,
-    inference_lr=1.0,
     seed=0,
     threads=1,
     out="runs",
@@ -61,14 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=float, default=DEFAULTS["lr"],
         help="width-independent SGD learning rate eta'")
     add("--momentum", type=float, default=DEFAULTS["momentum"], help="SGD momentum")
-    add("--inference", choices=("sequential", "simultaneous", "tolerance"),
-        default=DEFAULTS["inference"], help="PC inference schedule")
-    add("--inference-steps", type=int, default=DEFAULTS["inference_steps"],
-        help="PC inference sweeps/steps T")
-    add("--inference-lr", type=float, default=DEFAULTS["inference_lr"],
-        help="PC state step size kappa")
-    add("--no-fpa", action="store_true",
-        help="PC without the fixed prediction assumption")
+    pc = parser.add_argument_group(
+        "predictive coding", "the rule's settings (ignored with --rule bp)"
+    )
+    add_settings_arguments(pc, PredictiveCodingSettings, only=PC_OPTIONS)
+    add("--no-fpa", dest="fixed_prediction", action="store_false",
+        help="same as --no-fixed-prediction")
     add("--seed", type=int, default=DEFAULTS["seed"], help="seed of the initialization")
     add("--threads", type=int, default=DEFAULTS["threads"],
         help="torch intra-op threads (the matrices are small: more threads mostly add "
@@ -110,11 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.rule == "pc":
         model: L.LightningModule = PredictiveCodingModule(
-            **common,
-            inference=args.inference,
-            inference_steps=args.inference_steps,
-            inference_lr=args.inference_lr,
-            fixed_prediction=not args.no_fpa,
+            **common, **settings_from_args(args, PredictiveCodingSettings, only=PC_OPTIONS)
         )
     else:
         model = BackpropModule(**common)

@@ -11,18 +11,16 @@ import math
 
 import matplotlib
 import matplotlib.pyplot as plt
+import mup.coord_check as mup_coord_check  # mup depends on pandas and seaborn
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_local._mup_format import coord_check_dataframe
-from lightning_local.coord_check import coord_check
+from lightning_local.diagnostics.coord_check import coord_check
+from lightning_local.diagnostics.mup_format import coord_check_dataframe
 from lightning_local.errors import LocalLearningError
-
-pd = pytest.importorskip("pandas")
-mup_coord_check = pytest.importorskip("mup.coord_check")
-pytest.importorskip("seaborn")  # plot_coord_data draws with seaborn
 
 PLOT_COLUMNS = ("width", "module", "t", "l1")  # what plot_coord_data reads by default
 EXPECTED_COLUMNS = [
@@ -218,6 +216,9 @@ def test_a_real_coord_check_converts_and_plots(tmp_path):
 
     df = coord_check_dataframe(result.records, rule="bp", parametrization="mup",
                                quantity="activation")
+    pd.testing.assert_frame_equal(  # the result's own method is the same conversion
+        result.to_dataframe(rule="bp", parametrization="mup", quantity="activation"), df
+    )
     assert len(df) == 2 * 2 * 3  # widths x steps x layers
     by_key = {(r["width"], r["step"], r["layer"]): r["value"] for r in result.records
               if r["quantity"] == "activation"}

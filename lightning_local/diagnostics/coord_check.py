@@ -65,6 +65,7 @@ from lightning_local.sweeps.components import DataSpec, ModelSpec
 from lightning_local.sweeps.experiment import build_experiment, load_dataset, parse_variant
 
 if TYPE_CHECKING:
+    import pandas
     from lightning.pytorch.loggers import Logger
 
 __all__ = [
@@ -140,6 +141,22 @@ class CoordCheckResult:
         """Write records, slopes and settings as one JSON file (atomically)."""
         text = json.dumps(asdict(self), indent=1, allow_nan=False) + "\n"
         return atomic_write_text(path, text)
+
+    def to_dataframe(
+        self,
+        *,
+        rule: str | None = None,
+        parametrization: str | None = None,
+        quantity: str | None = None,
+    ) -> pandas.DataFrame:
+        """The records as a ``pandas.DataFrame`` in ``mup.coord_check``'s format (columns
+        ``width``, ``module``, ``t``, ``l1``, ...), for ``mup.coord_check.plot_coord_data``;
+        see :func:`lightning_local.diagnostics.mup_format.coord_check_dataframe`."""
+        from lightning_local.diagnostics.mup_format import coord_check_dataframe
+
+        return coord_check_dataframe(
+            self.records, rule=rule, parametrization=parametrization, quantity=quantity
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CoordCheckResult:

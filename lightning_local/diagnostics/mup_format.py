@@ -2,15 +2,14 @@
 
 ``mup`` users draw coordinate checks with ``mup.coord_check.plot_coord_data(df, y='l1',
 x='width', hue='module')``, where ``df`` comes from ``mup.coord_check.get_coord_data``.
-:func:`coord_check_dataframe` turns the ``records`` of a
-:class:`lightning_local.coord_check.CoordCheckResult` into such a frame, so the same call draws
-a local rule's coordinate check::
+:func:`coord_check_dataframe` (or :meth:`CoordCheckResult.to_dataframe
+<lightning_local.diagnostics.coord_check.CoordCheckResult.to_dataframe>`) turns the records of
+a coordinate check into such a frame, so the same call draws a local rule's coordinate check::
 
     from mup.coord_check import plot_coord_data
 
     result = coord_check(["pc-si-fpa"], ["mup"], [64, 128, 256])
-    df = coord_check_dataframe(result.records, rule="pc-si-fpa", parametrization="mup",
-                               quantity="activation")
+    df = result.to_dataframe(rule="pc-si-fpa", parametrization="mup", quantity="activation")
     plot_coord_data(df, save_to="cc.png")          # y='l1' holds the rms, see below
 """
 
