@@ -183,6 +183,10 @@ class DataSpec:
         class_path: the ``LightningDataModule`` class (or ``"tensors"`` for tensors).
         init_args: its arguments (for tensors: their content hash).
         target: the class, the data module instance or the four tensors.
+
+    A data module instance is identified by its saved ``hparams``; one without them (no
+    ``save_hyperparameters()``) by a hash of its loaded tensors, so two instances with
+    different arguments never share run keys.
     """
 
     class_path: str
@@ -215,7 +219,12 @@ class DataSpec:
             return cls(_qualified(data), target=data)
         if isinstance(data, L.LightningDataModule):
             hparams = dict(getattr(data, "hparams", {}) or {})
-            return cls(_qualified(type(data)), hparams, data)
+            spec = cls(_qualified(type(data)), hparams, data)
+            if not hparams:  # its arguments are unknown: identify it by its content
+                tensors = spec.load()
+                return cls(_qualified(type(data)), {"sha256": _tensor_digest(tensors)},
+                           ("loaded", tensors))
+            return spec
         raise LocalLearningError(
             f"cannot read data from a {type(data).__name__}. Fix: give a LightningDataModule "
             "(class or instance), (x_train, y_train, x_test, y_test) tensors, or "
@@ -232,13 +241,20 @@ class DataSpec:
 
         if self.class_path == "tensors":
             return self.target  # type: ignore[return-value]
+        if isinstance(self.target, tuple) and self.target[0] == "loaded":
+            return self.target[1]
         target = self.target if self.target is not None else import_object(self.class_path)
         module = target(**dict(self.init_args)) if isinstance(target, type) else target
         if not isinstance(module, L.LightningDataModule):
             raise LocalLearningError(f"{self.class_path} is not a LightningDataModule.")
         module.prepare_data()
         module.setup("fit")
-        x_train, y_train = _stack(module.train_dataloader(), "train_dataloader")
+        try:
+            x_train, y_train = _stack(module.train_dataloader(), "train_dataloader")
+        except (NotImplementedError, MisconfigurationException):
+            raise LocalLearningError(
+                f"{self.class_path} gives no training data. Fix: define train_dataloader."
+            ) from None
         evaluation = None
         for stage, hook in (("test", "test_dataloader"), ("validate", "val_dataloader")):
             try:
@@ -259,6 +275,8 @@ class DataSpec:
 def _stack(loader: Any, hook: str) -> tuple[Tensor, Tensor]:
     """All ``(x, y)`` pairs of a loader's data set, in the data set's order."""
     if isinstance(loader, (list, tuple)):
+        if not loader:
+            raise NotImplementedError(f"{hook} returned no loader")
         loader = loader[0]
     dataset: Dataset = getattr(loader, "dataset", loader)
     xs, ys = [], []

@@ -21,9 +21,11 @@ Rule variants (names used on the command line and in ``results.jsonl``):
 ``tp``         target propagation, closed-form ridge feedback, beta = 0.5
 =============  =========================================================================
 
-A variant takes overrides of its rule's arguments after a colon, e.g.
+A variant takes overrides of its rule's settings after a colon, e.g.
 ``pc-sim:inference_steps=16,inference_lr=0.1`` or ``dtp:beta=0.25``; values are read as JSON
-(``true``, ``0.1``, ``"tolerance"``) and fall back to plain strings.
+(``true``, ``0.1``, ``"tolerance"``, ``[0.5, 0.25]``) and fall back to plain strings. The
+variant's name (shown in results and part of the run key) keeps only the overrides that can
+change the trained weights: ``pc-si:fast_path=false`` is the run ``pc-si``.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def parse_variant(spec: str | RuleVariant) -> RuleVariant:
     family, defaults = RULE_VARIANTS[name]
     kwargs = dict(defaults)
     changed: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in overrides.split(","))):
+    for item in filter(None, (part.strip() for part in _split_overrides(overrides))):
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise LocalLearningError(
@@ -122,12 +124,33 @@ def parse_variant(spec: str | RuleVariant) -> RuleVariant:
             value = text.strip()
         changed[key.strip()] = value
     kwargs.update(changed)
-    canonical = name + (
-        ":" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(changed.items()))
-        if changed
-        else ""
-    )
-    return RuleVariant(canonical, family, kwargs)
+    variant = RuleVariant(_with_overrides(name, changed), family, kwargs)
+    settings = variant.build().settings  # validates the overrides
+    plain = settings.result_dict()
+    reference = get_rule_class(family).Settings.build(defaults).result_dict()
+    effective = {k: v for k, v in changed.items() if k in plain and plain[k] != reference[k]}
+    # the name (and so the run key) keeps only overrides that can change the weights
+    return RuleVariant(_with_overrides(name, effective), family, kwargs)
+
+
+def _with_overrides(name: str, overrides: Mapping[str, Any]) -> str:
+    if not overrides:
+        return name
+    return name + ":" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(overrides.items()))
+
+
+def _split_overrides(text: str) -> list[str]:
+    """``"a=1,b=[1, 2]"`` -> ``["a=1", "b=[1, 2]"]`` (commas inside brackets stay)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return parts
 
 
 @dataclass
