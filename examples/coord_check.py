@@ -1,4 +1,4 @@
-"""Coordinate checks of backprop, PC and DTP under SP and muP (spec section 6.5).
+"""Coordinate checks of backprop, PC and DTP under SP and muP (docs/math.md §5.1-5.3).
 
 The paper's 3-layer tanh MLP without biases on MNIST-1D, widths 64 .. 1024, 3 SGD steps at
 lr 0.1, 3 seeds. After each step the rms size of every layer's activations, feature change,

@@ -1,4 +1,4 @@
-"""Deep linear predictive coding: between gradient descent and Gauss-Newton (spec section 4).
+"""Deep linear predictive coding: between gradient descent and Gauss-Newton (docs/math.md §4).
 
 Three figures, written to ``--out`` (default ``docs/figures``):
 

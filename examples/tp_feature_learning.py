@@ -1,4 +1,4 @@
-"""Target propagation learns features at every width (spec section 5).
+"""Target propagation learns features at every width (docs/math.md §3.7).
 
 Trains a 3-layer tanh MLP (no biases, MSE) for ``k`` steps at widths 64 .. 2048, with
 

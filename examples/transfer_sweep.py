@@ -1,6 +1,6 @@
 """Learning-rate transfer across widths, for backprop, PC and DTP, under SP and muP.
 
-Reproduces the paper's claim (spec section 6.2) on MNIST-1D: the paper's 3-layer tanh MLP
+Reproduces the paper's claim (docs/math.md §5) on MNIST-1D: the paper's 3-layer tanh MLP
 without biases, MSE, plain SGD, batch 128, 5 epochs, base width 64, widths 64 .. 1024, lr grid
 in factors of 2. Rules: backprop; PC with one sequential inference sweep (SI) with and without
 the fixed prediction assumption, and with 8 simultaneous inference steps of size 0.2; DTP with

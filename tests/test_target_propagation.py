@@ -463,3 +463,32 @@ def test_total_local_loss_is_the_sum_of_the_per_layer_local_losses():
     x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
     metrics = rule.training_loss(network, x, y).metrics
     torch.testing.assert_close(metrics["local_loss_total"], metrics["local_loss"].sum())
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, h):
+        return h + 0.5 * torch.tanh(self.linear(h))
+
+
+def test_a_residual_block_gets_a_linear_feedback_fitted_in_closed_form():
+    """A block whose only parameters are one Linear's (a residual block) gets a linear
+    feedback map; with ridge feedback it is the batch ridge solution of h_{l-1} on h_l."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(nn.Linear(6, 10), nn.Tanh()), _Residual(10),
+                        nn.Linear(10, 3))
+    rule = TargetPropagation("mse", ridge=0.1)
+    wrapped = rule.build_network(net)
+    assert [tuple(g.weight.shape) for g in wrapped.feedback] == [(10, 10), (10, 3)]
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    wrapped.double()
+    rule.training_loss(wrapped, x, y)
+    with torch.no_grad():
+        h1 = net[0](x)
+        h2 = net[1](h1)
+    mu = 0.1 * 10  # mu_l = mu' n_l
+    expected = (h1.T @ h2) @ torch.linalg.inv(h2.T @ h2 + mu * torch.eye(10, dtype=x.dtype))
+    torch.testing.assert_close(wrapped.feedback[0].weight, expected, rtol=1e-6, atol=1e-8)

@@ -4,8 +4,10 @@
 read off the forward block ``f_l``:
 
 - a block whose only weight layer is an ``nn.Linear`` (optionally after ``nn.Flatten`` and
-  before an elementwise activation) gets ``Q_l = nn.Linear(out, in, bias=False)``, followed by
-  ``nn.Unflatten`` when ``h_{l-1}`` is not flat;
+  before an elementwise activation), or any block whose only parameters are one
+  ``nn.Linear``'s (e.g. a residual block ``h + tanh(W h)``) with a flat output, gets
+  ``Q_l = nn.Linear(out, in, bias=False)``, followed by ``nn.Unflatten`` when ``h_{l-1}`` is
+  not flat;
 - a block ``Conv2d -> activation -> [AvgPool2d | MaxPool2d]`` gets a resize-convolution
   ``nn.Upsample(h_{l-1}'s size) -> nn.Conv2d(out, in, same kernel and padding)``: a transposed
   convolution with a nearest-neighbour kernel, kept as ``Conv2d`` so muP classifies its weight
@@ -84,13 +86,25 @@ def _linear_feedback(block: nn.Module, in_shape: tuple, out_shape: tuple) -> nn.
     layers = _layers(block)
     rest = [m for m in layers if not isinstance(m, (nn.Linear, nn.Flatten, *_ELEMENTWISE))]
     linears = [m for m in layers if isinstance(m, nn.Linear)]
-    if rest or len(linears) != 1 or len(out_shape) != 1:
+    if rest and not _one_linear_inside(block):
+        return None
+    if (not rest and len(linears) != 1) or len(out_shape) != 1:
         return None
     linear = nn.Linear(out_shape[0], math.prod(in_shape), bias=False)
     gaussian_init_(linear)
     if len(in_shape) == 1:
         return linear
     return nn.Sequential(linear, nn.Unflatten(1, in_shape))
+
+
+def _one_linear_inside(block: nn.Module) -> bool:
+    """Whether the block's only parameters are those of one ``nn.Linear`` (at any depth), as
+    in a residual block ``h + tanh(W h)``: its feedback is a linear map like a Linear's."""
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 1:
+        return False
+    inside = {id(p) for p in linears[0].parameters()}
+    return all(id(p) in inside for p in block.parameters())
 
 
 def _conv_feedback(block: nn.Module, in_shape: tuple, out_shape: tuple) -> nn.Module | None:
@@ -144,7 +158,8 @@ def build_feedback(
         if g is None:
             raise UnsupportedNetworkError(
                 f"block {index} ({block!r}) has no automatic feedback map: supported blocks are "
-                "one nn.Linear (optionally after Flatten, before an activation) or Conv2d -> "
+                "one nn.Linear (optionally after Flatten, before an activation; or any block whose "
+                "only parameters are one nn.Linear's, such as a residual block) or Conv2d -> "
                 "activation -> pooling. Fix: restructure the block, or build the feedback "
                 "yourself and pass it as TPNetwork(network, feedback=nn.ModuleList([...]))."
             )

@@ -106,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LocalLearningError(
                 f"--log2-lr takes START STOP [STEP], got {args.log2_lr}. Fix: e.g. --log2-lr -8 1."
             )
-        lrs = args.lrs or (log2_grid(*args.log2_lr) if args.log2_lr else log2_grid(-6, 1))
+        # --log2-lr on the command line wins over lrs from a config file
+        lrs = log2_grid(*args.log2_lr) if args.log2_lr else (args.lrs or log2_grid(-6, 1))
         config = SweepConfig(
             rules=args.rules, parametrizations=args.parametrizations, widths=args.widths,
             lrs=lrs, seeds=args.seeds, epochs=args.epochs, steps=args.steps,

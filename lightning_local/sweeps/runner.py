@@ -347,6 +347,19 @@ def train_run(spec: dict[str, Any], *, keep: list[Experiment] | None = None) -> 
     )
 
 
+def _check_buildable(specs: Sequence[dict[str, Any]]) -> None:
+    """Build one trial per (rule, parametrization) at the smallest width before any training,
+    so a network the rule cannot take fails now, not after hours of other runs."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for spec in specs:
+        key = (spec["rule"], spec["parametrization"])
+        if key not in seen or spec["width"] < seen[key]["width"]:
+            seen[key] = spec
+    with torch.random.fork_rng(devices=[]):
+        for spec in seen.values():
+            build_trial(spec)
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -412,6 +425,7 @@ def sweep(
         f"({workers} worker{'s' if workers > 1 else ''}) -> {results_path}")
     if pending:
         _spec_data(pending[0])
+        _check_buildable(pending)
     run_seconds = 0.0
 
     def finish(record: dict[str, Any], done: int) -> None:
