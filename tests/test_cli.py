@@ -159,3 +159,50 @@ def test_quickstart_logs_offline_to_wandb(data_dir, tmp_path, capsys, monkeypatc
     run_dir = Path(re.search(r"logs:\s+(\S+)", out).group(1))
     assert run_dir.name.startswith("offline-run-") and run_dir.is_relative_to(tmp_path)
     assert list(run_dir.glob("*.wandb")), "no offline wandb log was written"
+
+
+USER_MODULE = '''
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_local.modules import PredictiveCodingModule
+
+
+class MyData(L.LightningDataModule):
+    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        x = torch.randn(96, 6, generator=generator)
+        return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()),
+                          batch_size=self.hparams.batch_size)
+
+
+class MyModule(PredictiveCodingModule):
+    def __init__(self, width: int = 16, lr: float = 0.1) -> None:
+        super().__init__(lr=lr, loss="cross_entropy")
+        self.net = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 2))
+'''
+
+
+def test_fit_own_classes_from_the_current_folder_keeps_their_defaults(tmp_path, monkeypatch):
+    """`--model mymod.MyModule --data mymod.MyData` from the folder holding mymod.py, without
+    PYTHONPATH; the data module keeps its own defaults (not MNIST-1D's batch size and seed)."""
+    (tmp_path / "usermod_cli.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "usermod_cli", raising=False)
+    fitted = cli.run_lightning_cli(
+        ["fit", "--model", "usermod_cli.MyModule", "--data", "usermod_cli.MyData", *QUIET,
+         "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path)]
+    )
+    assert type(fitted.model).__name__ == "MyModule"
+    hparams = fitted.datamodule.hparams
+    assert (hparams["batch_size"], hparams["seed"]) == (64, 0)
+    assert fitted.trainer.global_step == 2
+    assert fitted.model.network_for_rule() is fitted.model.net
+    sys.modules.pop("usermod_cli", None)
