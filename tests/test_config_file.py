@@ -145,3 +145,30 @@ def test_coord_check_from_yaml(folder, data_dir, capsys):
     capsys.readouterr()
     assert coord_check_module.main(["--config", bad]) == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_the_builtin_sweep_config_is_the_committed_mnist1d_sweep(data_dir):
+    """examples/sweeps/mnist1d.yaml names exactly the runs of the committed results
+    (docs/results/transfer_mnist1d.jsonl), and rerunning a few of them with this code gives
+    the committed losses (stored to 5 significant digits)."""
+    from pathlib import Path
+
+    from lightning_local.sweeps.cli import parse
+    from lightning_local.sweeps.runner import train_run
+
+    root = Path(__file__).resolve().parents[1]
+    committed = [json.loads(line) for line in
+                 (root / "docs/results/transfer_mnist1d.jsonl").read_text().splitlines()]
+    config, _ = parse(["--config", str(root / "examples/sweeps/mnist1d.yaml")])
+    specs = config.run_specs()
+    identity = ("rule", "parametrization", "width", "lr", "seed")
+    assert sorted(tuple(s[k] for k in identity) for s in specs) == sorted(
+        tuple(r[k] for k in identity) for r in committed
+    )
+    by_run = {tuple(r[k] for k in identity): r for r in committed}
+    for spec in specs:
+        if spec["width"] == 64 and spec["seed"] == 0 and spec["lr"] == 2.0**-3:
+            record = by_run[tuple(spec[k] for k in identity)]
+            rerun = train_run({**spec, "_data_dir": data_dir})
+            assert float(f"{rerun['train_loss']:.5g}") == pytest.approx(
+                record["train_loss"], rel=1e-12), spec["rule"]

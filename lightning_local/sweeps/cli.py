@@ -24,7 +24,7 @@ from lightning_local.sweeps.experiment import RULE_VARIANTS
 from lightning_local.sweeps.results import METRICS
 from lightning_local.sweeps.runner import SweepConfig, log2_grid, sweep
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,38 +85,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Sequence[str] | None = None) -> tuple[SweepConfig, argparse.Namespace]:
+    """The sweep configuration and the running options of a command line (``--config`` file
+    first, then the options given, which override it).
+
+    Raises:
+        LocalLearningError: a bad config file or grid.
+    """
+    parser = build_parser()
+    extra: dict = {}
+    path = config_path(argv)
+    if path is not None:
+        defaults, extra = split_config(
+            read_config(path), parser, ("model", "data", "optimizer", "data_seed",
+                                        "divergence_factor")
+        )
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.log2_lr is not None and len(args.log2_lr) not in (2, 3):
+        raise LocalLearningError(
+            f"--log2-lr takes START STOP [STEP], got {args.log2_lr}. Fix: e.g. --log2-lr -8 1."
+        )
+    # --log2-lr on the command line wins over lrs from a config file
+    lrs = log2_grid(*args.log2_lr) if args.log2_lr else (args.lrs or log2_grid(-6, 1))
+    config = SweepConfig(
+        rules=args.rules, parametrizations=args.parametrizations, widths=args.widths,
+        lrs=lrs, seeds=args.seeds, epochs=args.epochs, steps=args.steps,
+        dataset=args.dataset, data_dir=args.data_dir, num_samples=args.num_samples,
+        batch_size=args.batch_size, base_width=args.base_width, depth=args.depth,
+        activation=args.activation, bias=args.bias, loss=args.loss,
+        momentum=args.momentum, output_weight_exponent=args.output_weight_exponent,
+        zero_readout=args.zero_readout, **extra,
+    )
+    return config, args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-local sweep``; returns the exit code."""
-    parser = build_parser()
     try:
-        extra: dict = {}
-        path = config_path(argv)
-        if path is not None:
-            defaults, extra = split_config(
-                read_config(path), parser, ("model", "data", "optimizer", "data_seed",
-                                            "divergence_factor")
-            )
-            parser.set_defaults(**defaults)
-    except LocalLearningError as error:
-        print(f"lightning-local sweep: {error}", file=sys.stderr)
-        return 2
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        if args.log2_lr is not None and len(args.log2_lr) not in (2, 3):
-            raise LocalLearningError(
-                f"--log2-lr takes START STOP [STEP], got {args.log2_lr}. Fix: e.g. --log2-lr -8 1."
-            )
-        # --log2-lr on the command line wins over lrs from a config file
-        lrs = log2_grid(*args.log2_lr) if args.log2_lr else (args.lrs or log2_grid(-6, 1))
-        config = SweepConfig(
-            rules=args.rules, parametrizations=args.parametrizations, widths=args.widths,
-            lrs=lrs, seeds=args.seeds, epochs=args.epochs, steps=args.steps,
-            dataset=args.dataset, data_dir=args.data_dir, num_samples=args.num_samples,
-            batch_size=args.batch_size, base_width=args.base_width, depth=args.depth,
-            activation=args.activation, bias=args.bias, loss=args.loss,
-            momentum=args.momentum, output_weight_exponent=args.output_weight_exponent,
-            zero_readout=args.zero_readout, **extra,
-        )
+        config, args = parse(argv)
         with command_wandb_run(args, f"sweep-{Path(args.output).name}", args.output) as log_to:
             result = sweep(
                 config, args.output, workers=args.workers, threads=args.threads,
