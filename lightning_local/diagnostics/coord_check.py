@@ -288,12 +288,10 @@ def coord_check(
             its random backward path adds a part to the updates that shrinks like
             ``M^{-1/2}``: over widths 64 .. 1024 that reads as slopes of about -0.3 to -0.4
             for BP and PC. A zero readout removes it and leaves the muP limit's flat slopes.
-        model: the network at each width: ``None`` (the built-in MLP with ``depth``,
-            ``activation``, ``bias``), a class or function with a width argument, a
-            ``LocalLearningModule`` class, or ``{class_path, init_args, width_argument}``
-            (see :mod:`lightning_local.sweeps.components`).
-        data: ``None`` (``dataset``), a ``LightningDataModule`` (class, instance or
-            ``{class_path, init_args}``) or ``(x_train, y_train, x_test, y_test)``.
+        model, data: the user's network at each width and data, as for a sweep
+            (:class:`lightning_local.sweeps.SweepConfig`,
+            :mod:`lightning_local.sweeps.components`); ``None``: the built-in MLP and
+            ``dataset``.
         optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
         output: folder for the JSON, the slope table and the figures.
         log: a callable receiving progress lines (``None``: silent).

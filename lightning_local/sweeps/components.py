@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_local.errors import LocalLearningError
 
-__all__ = ["DataSpec", "ModelSpec", "import_object"]
+__all__ = ["DataSpec", "ModelSpec", "import_object", "plain_json"]
 
 NetworkFactory = Callable[[int], nn.Module]
 
@@ -67,11 +67,12 @@ def _qualified(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
-def _plain(value: Any) -> Any:
+def plain_json(value: Any) -> Any:
+    """JSON-friendly copy: tuples to lists, other objects to their ``repr``."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_json(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
@@ -119,7 +120,7 @@ class ModelSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"class_path": self.class_path, "init_args": _plain(dict(self.init_args)),
+        return {"class_path": self.class_path, "init_args": plain_json(dict(self.init_args)),
                 "width_argument": self.width_argument}
 
     def factory(self) -> NetworkFactory:
@@ -232,7 +233,7 @@ class DataSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"class_path": self.class_path, "init_args": _plain(dict(self.init_args))}
+        return {"class_path": self.class_path, "init_args": plain_json(dict(self.init_args))}
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(x_train, y_train, x_test, y_test)`` in memory."""

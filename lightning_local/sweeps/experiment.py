@@ -44,7 +44,7 @@ from lightning_local.models import MLP
 from lightning_local.parametrization import Parametrization
 from lightning_local.rules import get_rule_class
 from lightning_local.rules.base import LocalRule
-from lightning_local.sweeps.components import DataSpec, ModelSpec, NetworkFactory
+from lightning_local.sweeps.components import DataSpec, ModelSpec, NetworkFactory, plain_json
 from lightning_local.wiring import make_parametrization, wire
 
 __all__ = [
@@ -95,7 +95,7 @@ class RuleVariant:
 
     def hparams(self, loss: str = "mse") -> dict[str, Any]:
         """The rule's settings that can change the weights (part of a run's resume key)."""
-        return _plain(self.build(loss).result_hparams())
+        return plain_json(self.build(loss).result_hparams())
 
 
 def parse_variant(spec: str | RuleVariant) -> RuleVariant:
@@ -274,14 +274,3 @@ def load_dataset(
     (x_train, y_train), (x_test, y_test) = module.train_set.tensors, module.test_set.tensors
     _DATA_CACHE[key] = (x_train, y_train, x_test, y_test)
     return _DATA_CACHE[key]
-
-
-def _plain(value: Any) -> Any:
-    """JSON-friendly copy: tuples to lists, other objects to their ``repr``."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
