@@ -35,10 +35,13 @@ from lightning_local.modules import BackpropModule, LocalLearningModule, Predict
 RULES = ("bp", "pc", "tp")
 
 
-def build_module(rule: str, width: int, depth: int, lr: float) -> LocalLearningModule:
+def build_module(
+    rule: str, width: int, depth: int, lr: float, accumulate_grad_batches: int = 1
+) -> LocalLearningModule:
     """The rule's Lightning module on a tanh MLP for 40-d inputs and 10 classes, with muP."""
     network = MLP(in_features=40, width=width, num_classes=10, depth=depth)
-    common = dict(parametrization="mup", base_width=16, lr=lr)
+    common = dict(parametrization="mup", base_width=16, lr=lr,
+                  accumulate_grad_batches=accumulate_grad_batches)
     if rule == "bp":
         return BackpropModule(network, **common)
     if rule == "pc":
@@ -97,7 +100,7 @@ def load_data(name: str, samples: int, seed: int) -> TensorDataset:
 
 def train(args: argparse.Namespace, rule: str) -> None:
     L.seed_everything(args.seed, verbose=False)
-    module = build_module(rule, args.width, args.depth, args.lr)
+    module = build_module(rule, args.width, args.depth, args.lr, args.accumulate_grad_batches)
     distributed = args.devices * args.num_nodes > 1
     counter = AllReduceCounter() if distributed and args.strategy.startswith("local") else None
     if not distributed:
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--accumulate-grad-batches", type=int, default=1,
+                        help="optimizer step every k batches (the module's setting)")
     parser.add_argument("--data", choices=["mnist1d", "gaussian"], default="mnist1d")
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -70,6 +70,14 @@ class TrainingSettings(RuleSettings):
     weight_decay: float = setting(
         0.0, "weight decay, scaled per group like mup (lr * weight_decay width-free)")
     loss: str = setting("mse", "output loss: 'mse' (the paper's) or 'cross_entropy'")
+    accumulate_grad_batches: int = setting(
+        1, "optimizer step every k batches, each surrogate divided by k (Lightning's flag of "
+        "this name is refused under manual optimization; this one replaces it)")
+    gradient_clip_val: float | None = setting(
+        None, "clip the gradients before each optimizer step (None: no clipping); replaces "
+        "the Trainer flag of this name")
+    gradient_clip_algorithm: Literal["norm", "value"] = setting(
+        "norm", "'norm' (total 2-norm at most gradient_clip_val) or 'value' (each entry)")
 
     def __post_init__(self) -> None:
         make_parametrization(self.parametrization, self.output_weight_exponent)
@@ -89,6 +97,23 @@ class TrainingSettings(RuleSettings):
         if int(self.base_width) < 1:
             raise LocalLearningError(f"base_width must be >= 1, got {self.base_width!r}.")
         object.__setattr__(self, "loss", get_loss(self.loss).name)
+        k = self.accumulate_grad_batches
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise LocalLearningError(
+                f"accumulate_grad_batches must be a whole number >= 1, got {k!r}."
+            )
+        clip = self.gradient_clip_val
+        if clip is not None and not (
+            isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0
+        ):
+            raise LocalLearningError(
+                f"gradient_clip_val must be a finite positive number or None, got {clip!r}."
+            )
+        if self.gradient_clip_algorithm not in ("norm", "value"):
+            raise LocalLearningError(
+                f"gradient_clip_algorithm must be 'norm' or 'value', got "
+                f"{self.gradient_clip_algorithm!r}."
+            )
         for name in ("output_weight_exponent", "lr", "momentum", "weight_decay"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "base_width", int(self.base_width))

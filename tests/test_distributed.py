@@ -83,6 +83,39 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return folders
 
 
+@pytest.fixture(scope="module")
+def accumulated_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """bp and PC with accumulate_grad_batches=2: 2 processes at B and 1 process at 2B."""
+    folders = {name: tmp_path_factory.mktemp(f"acc_{name}") for name in ("ddp", "single")}
+    accumulate = ["--accumulate-grad-batches", "2"]
+    _launch(["--rules", "bp", "pc", "--devices", "2", "--strategy", "local_ddp",
+             "--batch-size", str(BATCH), "--out", str(folders["ddp"]), *accumulate, *COMMON])
+    _example().main(["--rules", "bp", "pc", "--devices", "1", "--batch-size", str(2 * BATCH),
+                     "--out", str(folders["single"]), *accumulate, *COMMON])
+    return folders
+
+
+@pytest.mark.parametrize("rule", ["bp", "pc"])
+def test_ddp_accumulation_equals_one_process_and_skips_the_first_all_reduce(
+    accumulated_runs, rule
+):
+    """k = 2 micro-batches per step: 2 x B equals 1 x 2B, and the first micro-batch's backward
+    runs without an all-reduce (DDP's no_sync), the k-th with exactly one."""
+    rank0, rank1 = (torch.load(accumulated_runs["ddp"] / f"{rule}_rank{r}.pt") for r in (0, 1))
+    single = torch.load(accumulated_runs["single"] / f"{rule}_rank0.pt")
+    initial = _initial_weights(rule)
+    moved = 0.0
+    for name, weight in rank0["state_dict"].items():
+        assert torch.equal(weight, rank1["state_dict"][name]), f"ranks differ in {name}"
+        difference = (weight - single["state_dict"][name]).abs().max().item()
+        assert difference < 1e-6, f"{rule} {name}: 2 x B differs from 1 x 2B by {difference}"
+        moved = max(moved, (weight - initial[name]).abs().max().item())
+    assert moved > 1e-3
+    counts = [(s["before_backward"], s["backward"], s["after_backward"])
+              for s in rank0["all_reduces"]]
+    assert counts == [(0, 0, 0), (0, 1, 0)] * (STEPS // 2)
+
+
 def _initial_weights(rule: str) -> dict[str, torch.Tensor]:
     L.seed_everything(SEED, verbose=False)
     module = _example().build_module(rule, WIDTH, 3, 0.1)

@@ -403,3 +403,113 @@ def test_converted_project_under_mup(tmp_path):
     for (name, q), p in zip(loaded.named_parameters(), model.parameters()):
         torch.testing.assert_close(q, saved[name], rtol=0, atol=0)
         assert _infshape(q) == _infshape(p)
+
+
+# ------------------------------------------------------------------------ accumulation, clipping
+def _fit_weights(model, batch_size: int, dataset: TensorDataset, **trainer_kwargs):
+    trainer = _trainer(max_epochs=1, **trainer_kwargs)
+    trainer.fit(model, DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    return _weights(model.trained_network), trainer
+
+
+@pytest.mark.parametrize("cls, settings", [
+    (BackpropModule, {}),
+    (PredictiveCodingModule, dict(inference="sequential", fixed_prediction=True)),
+])
+def test_accumulating_k_batches_equals_one_batch_of_kB(cls, settings):
+    """Backprop and PC SI+FPA: k micro-batches of B give exactly the step of one batch of kB
+    (the surrogate is a batch mean, divided by k); global_step counts optimizer steps."""
+    dataset = _data(n=48)
+    accumulated, trainer = _fit_weights(
+        cls(network=_mlp(), lr=0.2, accumulate_grad_batches=3, **settings), 8, dataset)
+    assert trainer.global_step == 2  # 6 micro-batches, 2 steps
+    large, _ = _fit_weights(cls(network=_mlp(), lr=0.2, **settings), 24, dataset)
+    small, _ = _fit_weights(cls(network=_mlp(), lr=0.2, **settings), 8, dataset)
+    for name in large:
+        torch.testing.assert_close(accumulated[name], large[name], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(small[n], large[n]) for n in large)  # the test can fail
+
+
+def test_accumulation_sums_per_micro_batch_updates_for_iterative_rules():
+    """PC with simultaneous inference: k inferences (one per micro-batch) and one update with
+    the mean of their gradients, as the rule run by hand."""
+    settings = dict(inference="simultaneous", inference_steps=5, inference_lr=0.3,
+                    fixed_prediction=False)
+    dataset = _data(n=32)
+    accumulated, trainer = _fit_weights(
+        PredictiveCodingModule(network=_mlp(), lr=0.2, accumulate_grad_batches=2, **settings),
+        8, dataset)
+    assert trainer.global_step == 2
+    network = _mlp()
+    rule = PredictiveCodingModule(network=network, **settings).rule
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.2)
+    x, y = dataset.tensors
+    for group in (0, 16):
+        optimizer.zero_grad()
+        for start in (group, group + 8):
+            (rule.training_loss(network, x[start:start + 8], y[start:start + 8]).surrogate
+             / 2).backward()
+        optimizer.step()
+    for name, p in network.named_parameters():
+        torch.testing.assert_close(accumulated[name], p.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_short_last_group_still_steps():
+    dataset = _data(n=40)  # 5 batches of 8, k = 2: steps after batches 2, 4 and 5
+    _, trainer = _fit_weights(
+        BackpropModule(network=_mlp(), accumulate_grad_batches=2), 8, dataset)
+    assert trainer.global_step == 3
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_matches_torch_clipping(algorithm):
+    dataset = _data(n=16)
+    clipped, _ = _fit_weights(
+        PredictiveCodingModule(network=_mlp(), lr=0.5, gradient_clip_val=0.05,
+                               gradient_clip_algorithm=algorithm), 16, dataset)
+    network = _mlp()
+    rule = PredictiveCodingModule(network=network).rule
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.5)
+    x, y = dataset.tensors
+    rule.training_loss(network, x, y).surrogate.backward()
+    if algorithm == "norm":
+        norm = torch.nn.utils.clip_grad_norm_(network.parameters(), 0.05)
+        assert norm > 0.05  # clipping is active in this case
+    else:
+        largest = max(float(p.grad.abs().max()) for p in network.parameters())
+        assert largest > 0.05
+        torch.nn.utils.clip_grad_value_(network.parameters(), 0.05)
+    optimizer.step()
+    for name, p in network.named_parameters():
+        torch.testing.assert_close(clipped[name], p.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_and_clipping_settings_are_checked():
+    from lightning_local.modules import TargetPropagationModule
+
+    with pytest.raises(LocalLearningError, match="accumulate_grad_batches"):
+        BackpropModule(network=_mlp(), accumulate_grad_batches=0)
+    with pytest.raises(LocalLearningError, match="gradient_clip_val"):
+        BackpropModule(network=_mlp(), gradient_clip_val=-1.0)
+    with pytest.raises(LocalLearningError, match="feedback-only steps"):
+        TargetPropagationModule(network=_mlp(), feedback_training="noisy", feedback_steps=2,
+                                accumulate_grad_batches=2)
+
+
+def test_checkpoint_holds_each_weight_once_and_old_checkpoints_load(tmp_path):
+    """One copy of each weight (0.1.0 stored a second under `_wired.*`); a checkpoint with
+    those duplicate keys still loads."""
+    model = BackpropModule(network=_mlp())
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(model, _loader())
+    path = tmp_path / "now.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert sorted(state) == sorted(f"network.{n}" for n, _ in model.network.named_parameters())
+    old = torch.load(path, weights_only=True)
+    old["state_dict"].update({f"_wired.{k[len('network.'):]}": v.clone()
+                              for k, v in state.items()})
+    torch.save(old, tmp_path / "old.ckpt")
+    loaded = BackpropModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    for p, q in zip(model.parameters(), loaded.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)

@@ -99,7 +99,15 @@ NON_DEFAULT: dict[str, Any] = {
     "momentum": 0.9,
     "weight_decay": 0.01,
     "loss": "cross_entropy",
+    "accumulate_grad_batches": 2,
+    "gradient_clip_val": 1.0,
+    "gradient_clip_algorithm": "value",
 }
+
+# Settings that cannot all be non-default at once: TP's feedback-only steps (several feedback
+# steps, pre-training) step the optimizer between micro-batches, so they exclude gradient
+# accumulation. Each round keeps one side at its default; together the rounds cover all.
+EXCLUSIVE = {"accumulate_grad_batches": ("feedback_steps", "feedback_pretrain_epochs")}
 
 
 def _settings_classes(cls: type[LocalLearningModule]) -> list[type]:
@@ -139,13 +147,19 @@ def _write_base_shapes(cls: type[LocalLearningModule], values: dict[str, Any], p
     return str(path)
 
 
-def _values(cls: type[LocalLearningModule], tmp_path: Path) -> dict[str, Any]:
-    """Every setting of ``cls`` with a non-default value (checked non-default)."""
+def _values(cls: type[LocalLearningModule], tmp_path: Path, round_: int = 0) -> dict[str, Any]:
+    """Every setting of ``cls`` with a non-default value (checked non-default); of an
+    EXCLUSIVE pair present in ``cls``, round 0 keeps the key, round 1 the others, default."""
     values = {}
+    names = {f.name for f in _fields(cls)}
+    defaults: set[str] = set()
+    for key, others in EXCLUSIVE.items():
+        if key in names and names & set(others):
+            defaults |= set(others) if round_ == 0 else {key}
     for field in _fields(cls):
         value = _non_default(field.name)
         assert _plain(value) != _plain(field.default), f"{field.name}: {value!r} is the default"
-        values[field.name] = value
+        values[field.name] = field.default if field.name in defaults else value
     if values.get("base_shapes") is _BASE_SHAPES:
         values["base_shapes"] = _write_base_shapes(cls, values, tmp_path / "net.bsh")
     return values
@@ -202,11 +216,12 @@ def test_module_signatures_are_the_declared_settings(cls):
 
 
 # ----------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("round_", [0, 1])
 @pytest.mark.parametrize("cls", PRESETS, ids=lambda cls: cls.__name__)
 def test_every_setting_round_trips_through_hparams_yaml_and_checkpoint(
-    cls, tmp_path, data_dir
+    cls, round_, tmp_path, data_dir
 ):
-    values = _values(cls, tmp_path)
+    values = _values(cls, tmp_path, round_)
     torch.manual_seed(0)
     module = cls(network=MLP(**NETWORK), **values)
     _check_settings(module, values)

@@ -564,17 +564,50 @@ class LocalLearningModule(L.LightningModule):
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """``zero_grad -> rule.training_loss -> manual_backward(surrogate) -> step``."""
+        """``zero_grad -> rule.training_loss -> manual_backward(surrogate / k) -> [clip] ->
+        step``, the step every ``k = accumulate_grad_batches`` batches.
+
+        With ``k > 1`` the gradients of ``k`` micro-batches add up (each surrogate divided by
+        ``k``, so ``k`` batches of ``B`` give one batch of ``kB``'s mean for backprop and PC
+        SI+FPA); under DDP the all-reduce runs only on the ``k``-th. The last group of an
+        epoch steps even when shorter. ``gradient_clip_val`` clips through Lightning's
+        ``clip_gradients`` (which unscales 16-bit mixed-precision gradients first).
+        """
         inputs, targets = self._split_batch(batch)
+        settings = self.training_settings
+        k = settings.accumulate_grad_batches
         optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
+        first = batch_idx % k == 0
+        last = (batch_idx + 1) % k == 0 or self._last_batch_of_epoch()
+        if first:
+            optimizer.zero_grad(set_to_none=True)
         result = self.rule.training_loss(self.trained_network, inputs, targets)
-        self.manual_backward(result.surrogate)
-        optimizer.step()
-        self._step_schedulers("step")
+        with self._backward_sync(enabled=last):
+            self.manual_backward(result.surrogate if k == 1 else result.surrogate / k)
+        if last:
+            if settings.gradient_clip_val is not None:
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=settings.gradient_clip_val,
+                    gradient_clip_algorithm=settings.gradient_clip_algorithm,
+                )
+            optimizer.step()
+            self._step_schedulers("step")
         self._log_training(result, inputs.shape[0])
         self.__dict__["_local_stepped"] = True
         return result.loss
+
+    def _last_batch_of_epoch(self) -> bool:
+        trainer = self._trainer
+        return bool(trainer is not None and trainer.is_last_batch)
+
+    def _backward_sync(self, enabled: bool) -> Any:
+        """``nullcontext()``, or DDP's ``no_sync`` while accumulating (no all-reduce)."""
+        import contextlib
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if enabled or strategy is None or not hasattr(strategy, "block_backward_sync"):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.__dict__["_local_stepped"] = False

@@ -68,6 +68,14 @@ class TargetPropagationModule(LocalLearningModule):
     progress_bar_metrics = ("local_loss_total", "feedback_loss")
 
     def check_settings(self) -> None:
+        inner = self.rule_settings.feedback_steps > 1 or self.feedback_pretrain_epochs > 0
+        if self.training_settings.accumulate_grad_batches > 1 and inner:
+            raise LocalLearningError(
+                "accumulate_grad_batches > 1 with feedback-only steps (feedback_steps > 1 or "
+                "feedback_pretrain_epochs > 0) would step the optimizer between micro-batches. "
+                "Fix: feedback_steps=1 and feedback_pretrain_epochs=0, or "
+                "accumulate_grad_batches=1 with a larger batch."
+            )
         if self.feedback_pretrain_epochs and self.rule_settings.feedback_training != "noisy":
             raise LocalLearningError(
                 f"feedback_pretrain_epochs={self.feedback_pretrain_epochs}: pre-training trains "
