@@ -15,6 +15,7 @@ by one line in that table, or at run time with :func:`register_subcommand`.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -84,6 +85,41 @@ def _lightning_cli_class() -> type:
         """``LightningCLI`` over the library's modules, MNIST-1D data by default, and a
         Trainer whose checkpoints are written atomically."""
 
+        def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+            """``--optimizer Adam --optimizer.lr 1e-3`` builds muP's per-role groups of that
+            class (``lr`` is ``eta'``), and ``--lr_scheduler`` is built on them; LightningCLI
+            alone would hand the optimizer ``model.parameters()`` in one group, an SP run."""
+            import lightning.pytorch.cli as lightning_cli
+
+            from lightning_local.modules import LocalLearningModule
+
+            model = self.model
+            if not isinstance(model, LocalLearningModule):
+                return super()._add_configure_optimizers_method_to_model(subcommand)
+            marker = object()
+            real = lightning_cli.instantiate_class
+
+            def instantiate(args: Any, init: dict[str, Any]) -> Any:
+                if args is not marker:
+                    return real(args, init)
+                module_name, _, name = init["class_path"].rpartition(".")
+                optimizer_class = getattr(importlib.import_module(module_name), name)
+                options = dict(init.get("init_args", {}))
+                defaults = inspect.signature(optimizer_class).parameters
+                lr = options.pop("lr", defaults["lr"].default if "lr" in defaults else 1e-3)
+                weight_decay = options.pop("weight_decay", 0.0)
+                return model.local_run.make_optimizer(
+                    optimizer_class, float(lr), float(weight_decay), **options
+                )
+
+            model.parameters = lambda *args, **kwargs: marker  # what the CLI hands its optimizer
+            lightning_cli.instantiate_class = instantiate
+            try:
+                super()._add_configure_optimizers_method_to_model(subcommand)
+            finally:
+                lightning_cli.instantiate_class = real
+                del model.parameters
+
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             from lightning_local.modules.checkpoint import AtomicCheckpointIO
 
@@ -110,7 +146,7 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
     if os.getcwd() not in sys.path and "" not in sys.path:  # --model mymodule.MyModule
         sys.path.insert(0, os.getcwd())
     if args is not None:
-        args = _with_default_data(list(args))
+        args = _with_default_data(list(args), subcommand=run)
     options: dict[str, Any] = dict(
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -126,14 +162,14 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
 DEFAULT_DATA = "lightning_local.data.MNIST1DDataModule"
 
 
-def _with_default_data(args: list[str]) -> list[str]:
+def _with_default_data(args: list[str], subcommand: bool = True) -> list[str]:
     """``args`` with ``--data MNIST1DDataModule`` after the subcommand when neither the
     command line nor a ``--config`` file names a data module.
 
     The default is added only then, so a user's own data module keeps its own defaults
     (a parser-wide default would carry MNIST-1D's batch size and seed over to it).
     """
-    if not args or args[0] not in LIGHTNING_SUBCOMMANDS:
+    if subcommand and (not args or args[0] not in LIGHTNING_SUBCOMMANDS):
         return args
     if any(a == "--data" or a.startswith("--data=") for a in args):
         return args
@@ -145,6 +181,8 @@ def _with_default_data(args: list[str]) -> list[str]:
             path = arg.split("=", 1)[1]
         if path and _config_names_data(path):
             return args
+    if not subcommand:  # run=False: no subcommand in front
+        return ["--data", DEFAULT_DATA, *args]
     return [args[0], "--data", DEFAULT_DATA, *args[1:]]
 
 

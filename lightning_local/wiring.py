@@ -39,6 +39,7 @@ from lightning_local.rules.base import LocalRule, RuleSettings, setting
 
 __all__ = [
     "OPTIMIZERS",
+    "optimizer_table",
     "TrainingSettings",
     "WiredRun",
     "make_parametrization",
@@ -48,6 +49,31 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 """Optimizers whose muP tables the library has (plain ``torch.optim`` classes)."""
+
+_ADAM_LIKE = (torch.optim.Adam, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax)
+
+
+def optimizer_table(optimizer_class: type[torch.optim.Optimizer]) -> str:
+    """The row of the parametrization tables for a ``torch.optim`` class: ``"sgd"`` for SGD
+    and its subclasses, ``"adamw"`` for AdamW, ``"adam"`` for the other Adam-like classes
+    (Adam, NAdam, RAdam, Adamax: per-entry normalized updates).
+
+    Raises:
+        LocalLearningError: for a class the tables do not cover (the run would silently not
+            be muP).
+    """
+    if isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.AdamW):
+        return "adamw"
+    if isinstance(optimizer_class, type) and issubclass(optimizer_class, _ADAM_LIKE):
+        return "adam"
+    if isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.SGD):
+        return "sgd"
+    name = getattr(optimizer_class, "__name__", repr(optimizer_class))
+    raise LocalLearningError(
+        f"the width-scaling tables cover SGD-like and Adam-like optimizers, not {name}. Fix: "
+        "use torch.optim.SGD, Adam, AdamW, NAdam, RAdam or Adamax (or a subclass)."
+    )
+
 
 NetworkFactory = Callable[[int], nn.Module]
 """``width -> network``: the same architecture at any width (base and delta shapes)."""
@@ -170,6 +196,65 @@ class WiredRun:
         """Per-role ``torch.optim`` groups: ``lr_r = lr m^{-c_r}``, each tagged with its role."""
         return self.parametrization.param_groups(
             self.network, lr, self.rule, self.optimizer_name, weight_decay
+        )
+
+    def make_optimizer(
+        self,
+        optimizer_class: type[torch.optim.Optimizer],
+        lr: float,
+        weight_decay: float = 0.0,
+        **options: Any,
+    ) -> torch.optim.Optimizer:
+        """``optimizer_class`` (any SGD-like or Adam-like ``torch.optim`` class) over the
+        per-role groups of its table row, ``lr_r = lr m^{-c_r}``; ``options`` (betas,
+        momentum, ...) go to the class.
+
+        Raises:
+            LocalLearningError: a class the tables do not cover, or one whose table wants
+                another init than the one the run was rescaled for.
+        """
+        table = optimizer_table(optimizer_class)
+        wired = self.parametrization.exponents(self.rule, self.optimizer_name)
+        wanted = self.parametrization.exponents(self.rule, table)
+        if any(wired[role].init != wanted[role].init for role in wired):
+            raise LocalLearningError(
+                f"the init was rescaled for optimizer={self.optimizer_name!r}, but "
+                f"{optimizer_class.__name__}'s muP wants another init. Fix: set "
+                f"optimizer={table!r} in the settings (module or wire)."
+            )
+        groups = self.parametrization.param_groups(
+            self.network, lr, self.rule, table, weight_decay
+        )
+        return optimizer_class(groups, lr=lr, **options)
+
+    def adapt_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """``optimizer`` itself when its groups are the parametrization's (they carry a
+        ``role``); otherwise the same class and options rebuilt over the per-role groups,
+        with its ``lr`` as ``eta'`` and its ``weight_decay``.
+
+        Raises:
+            LocalLearningError: several groups of the user's own (their intent is unknown),
+                parameters that are not the run's, or an uncovered class.
+        """
+        groups = optimizer.param_groups
+        if all("role" in group for group in groups):
+            return optimizer
+        if optimizer.state:
+            raise LocalLearningError("cannot regroup an optimizer that has already stepped.")
+        held = [p for group in groups for p in group["params"]]
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        if len(groups) > 1 or {id(p) for p in held} != {id(p) for p in trainable}:
+            raise LocalLearningError(
+                f"cannot give muP's per-role learning rates to a {type(optimizer).__name__} "
+                f"with {len(groups)} parameter group(s) of your own over "
+                f"{len(held)} tensors (the rule trains {len(trainable)}). Fix: build it with "
+                "self.local_run.make_optimizer(torch.optim.Adam, lr=..., ...) (module) or "
+                "run.make_optimizer(...) (wire)."
+            )
+        options = {k: v for k, v in optimizer.defaults.items() if k not in ("lr", "weight_decay")}
+        return self.make_optimizer(
+            type(optimizer), float(groups[0]["lr"]),
+            float(groups[0].get("weight_decay", 0.0)), **options,
         )
 
     def build_optimizer(

@@ -206,3 +206,45 @@ def test_fit_own_classes_from_the_current_folder_keeps_their_defaults(tmp_path, 
     assert fitted.trainer.global_step == 2
     assert fitted.model.network_for_rule() is fitted.model.net
     sys.modules.pop("usermod_cli", None)
+
+
+def _cli_optimizer(width: int, *optimizer: str):
+    built = cli.run_lightning_cli(
+        ["--model", "PredictiveCodingModule", "--model.parametrization", "mup",
+         "--model.network", "lightning_local.models.MLP", "--model.network.width", str(width),
+         "--model.base_width", "16", *optimizer],
+        run=False,
+    )
+    return built.model.configure_optimizers()
+
+
+def test_cli_optimizer_gets_mups_groups_with_the_tables_exponents():
+    """`--optimizer Adam --optimizer.lr 1e-3`: per-role lr = 1e-3 m^-c with c from muP's Adam
+    table (fitted across widths), not one SP group."""
+    import math
+
+    from lightning_local.parametrization import MuP
+
+    widths = (32, 64, 128)
+    lrs = []
+    for width in widths:
+        configured = _cli_optimizer(width, "--optimizer", "Adam", "--optimizer.lr", "0.001",
+                                    "--optimizer.betas", "[0.8, 0.9]")
+        optimizer = configured[0][0] if isinstance(configured, tuple) else configured
+        optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
+        assert isinstance(optimizer, torch.optim.Adam)
+        assert all(g["betas"] == (0.8, 0.9) for g in optimizer.param_groups)
+        lrs.append({g["role"]: g["lr"] for g in optimizer.param_groups})
+    table = MuP().exponents("pc", "adam")
+    for role in lrs[0]:
+        slope = (math.log(lrs[-1][role]) - math.log(lrs[0][role])) / math.log(
+            widths[-1] / widths[0])
+        assert slope == pytest.approx(-table[role].lr, abs=1e-9), role
+        assert lrs[0][role] == pytest.approx(1e-3 * 2.0 ** -table[role].lr)  # m = 2 at 32
+
+
+def test_cli_optimizer_the_tables_do_not_cover_is_refused():
+    from lightning_local.errors import LocalLearningError
+
+    with pytest.raises(LocalLearningError, match="RMSprop"):
+        _cli_optimizer(32, "--optimizer", "RMSprop", "--optimizer.lr", "0.001")

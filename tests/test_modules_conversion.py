@@ -169,16 +169,53 @@ def test_a_kept_training_step_calling_super_is_fine():
     assert "train_loss" in trainer.callback_metrics
 
 
-def test_a_kept_configure_optimizers_is_refused_under_mup():
-    class KeptOptimizer(_converted(PredictiveCodingModule, parametrization="mup")):
+def test_a_kept_configure_optimizers_gets_mups_groups():
+    """A kept `Adam(self.parameters(), lr=...)` under muP becomes muP's Adam (per-role lrs of
+    the Adam table) instead of a silent SP run; it trains as the library's own optimizer."""
+
+    class KeptOptimizer(_converted(PredictiveCodingModule, parametrization="mup",
+                                   base_width=8)):
         def width_factory(self):
             return make_net
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+            return torch.optim.Adam(self.parameters(), lr=0.01, betas=(0.8, 0.95))
 
-    with pytest.raises(LocalLearningError, match="role"):
-        _trainer(max_steps=1).fit(KeptOptimizer(), DataLoader(_dataset(), batch_size=16))
+    class Library(_converted(PredictiveCodingModule, parametrization="mup", base_width=8,
+                             optimizer="adam")):
+        def width_factory(self):
+            return make_net
+
+        def configure_optimizers(self):
+            return self.local_run.make_optimizer(torch.optim.Adam, lr=0.01, betas=(0.8, 0.95))
+
+    torch.manual_seed(0)
+    kept = KeptOptimizer()
+    optimizer = kept.configure_optimizers()
+    torch.manual_seed(0)
+    reference = Library()
+    expected = reference.configure_optimizers()
+    assert [(g["role"], g["lr"]) for g in optimizer.param_groups] == [
+        (g["role"], g["lr"]) for g in expected.param_groups]
+    assert len({g["lr"] for g in optimizer.param_groups}) > 1  # per-role, not one SP group
+    for model in (kept, reference):
+        _trainer(max_steps=3).fit(model, DataLoader(_dataset(), batch_size=16))
+    for p, q in zip(kept.net.parameters(), reference.net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+
+
+def test_a_scheduler_on_an_ungrouped_optimizer_is_refused_under_mup():
+    class KeptScheduler(_converted(PredictiveCodingModule, parametrization="mup")):
+        def width_factory(self):
+            return make_net
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            return {"optimizer": optimizer,
+                    "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1)}
+
+    with pytest.raises(LocalLearningError, match="make_optimizer"):
+        _trainer(max_steps=1).fit(KeptScheduler(), DataLoader(_dataset(), batch_size=16))
 
 
 def test_an_optimizer_missing_the_feedback_is_refused():

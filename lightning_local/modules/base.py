@@ -38,6 +38,7 @@ The wiring happens once, on fresh weights, before any optimizer or DDP wrapper: 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import sys
@@ -183,6 +184,17 @@ def _caller_init_args(module: nn.Module, frame: Any) -> dict[str, Any]:
     return collected
 
 
+def _adapting(configure: Callable[..., Any]) -> Callable[..., Any]:
+    """A subclass's ``configure_optimizers`` whose optimizer gets muP's per-role groups."""
+
+    @functools.wraps(configure)
+    def configure_optimizers(self: LocalLearningModule) -> Any:
+        return self.adapt_optimizers(configure(self))
+
+    configure_optimizers._lightning_local_adapts = True  # type: ignore[attr-defined]
+    return configure_optimizers
+
+
 class LocalLearningModule(L.LightningModule):
     """Base ``LightningModule`` for local learning rules (manual optimization).
 
@@ -213,6 +225,9 @@ class LocalLearningModule(L.LightningModule):
         if declares and "__init__" not in cls.__dict__:
             cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
             cls.__doc__ = (cls.__doc__ or "") + _settings_doc(cls)
+        own = cls.__dict__.get("configure_optimizers")
+        if own is not None and not getattr(own, "_lightning_local_adapts", False):
+            cls.configure_optimizers = _adapting(own)  # type: ignore[method-assign]
 
     def __init__(self, network: nn.Module | None = None, **settings: Any) -> None:
         L.LightningModule.__init__(self)
@@ -547,14 +562,49 @@ class LocalLearningModule(L.LightningModule):
                 "under muP the optimizer needs the per-role learning rates lr * m^-c of the "
                 "parametrization, but its parameter groups carry no 'role' (a configure_optimizers "
                 "of your own, or LightningCLI's --optimizer, replaced them: the run would be SP). "
-                "Fix: delete configure_optimizers / the --optimizer option and set the optimizer "
-                "with the module's settings (optimizer='adam', lr=..., momentum=..., "
-                "weight_decay=...), or build it with self.local_run.build_optimizer(...)."
+                "Fix: delete configure_optimizers and set the optimizer with the module's "
+                "settings (optimizer='adam', lr=..., momentum=..., weight_decay=...), or build "
+                "it with self.local_run.make_optimizer(torch.optim.Adam, lr=..., ...)."
             )
 
     def forward(self, x: Tensor) -> Tensor:
         """The network's forward pass ``f(x)``."""
         return self.network_for_rule()(x)
+
+    def adapt_optimizers(self, configured: Any) -> Any:
+        """What a ``configure_optimizers`` of a subclass returned, with its optimizer rebuilt
+        over muP's per-role groups when it has none (``torch.optim.Adam(self.parameters(),
+        lr=1e-3)`` becomes muP's Adam with ``eta' = 1e-3``). Under SP it is returned as is.
+
+        Raises:
+            LocalLearningError: a scheduler built on an optimizer without the groups (it
+                would hold the wrong groups; build the optimizer with
+                ``self.local_run.make_optimizer``), or an optimizer the tables do not cover.
+        """
+        if not self.parametrization.requires_base_shapes:
+            return configured
+        run = self.local_run
+        if isinstance(configured, torch.optim.Optimizer):
+            return run.adapt_optimizer(configured)
+        if isinstance(configured, Mapping) and isinstance(
+            configured.get("optimizer"), torch.optim.Optimizer
+        ):
+            optimizer = configured["optimizer"]
+            if all("role" in g for g in optimizer.param_groups):
+                return configured
+            if configured.get("lr_scheduler") is not None:
+                raise LocalLearningError(
+                    "configure_optimizers returned a scheduler over an optimizer without muP's "
+                    "per-role groups. Fix: build the optimizer with "
+                    "self.local_run.make_optimizer(torch.optim.Adam, lr=..., ...) and the "
+                    "scheduler on it."
+                )
+            return {**configured, "optimizer": run.adapt_optimizer(optimizer)}
+        if isinstance(configured, (list, tuple)) and len(configured) == 1 and isinstance(
+            configured[0], torch.optim.Optimizer
+        ):
+            return [run.adapt_optimizer(configured[0])]
+        return configured  # other forms: on_train_start checks the groups
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """A plain ``torch.optim`` optimizer with the parametrization's per-role groups."""
