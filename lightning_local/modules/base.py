@@ -59,6 +59,7 @@ from lightning_local.distributed import check_supported_strategy
 from lightning_local.errors import LocalLearningError, UnsupportedNetworkError
 from lightning_local.models import WidthBuilder
 from lightning_local.modules.checkpoint import checkpoint_errors
+from lightning_local.modules.weight_averaging import check_weight_averaging
 from lightning_local.network import as_blocks, output_width
 from lightning_local.parametrization import Parametrization
 from lightning_local.rules.backprop import Backprop
@@ -541,6 +542,8 @@ class LocalLearningModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Refuse an optimizer that is not the run's (a kept ``configure_optimizers``, a CLI
         ``--optimizer``): under muP it lacks the per-role learning rates."""
+        if self._trainer is not None:
+            check_weight_averaging(self.trainer, self.parametrization.requires_base_shapes)
         optimizers = self.trainer.optimizers if self._trainer is not None else []
         if len(optimizers) != 1:
             raise LocalLearningError(

@@ -119,9 +119,10 @@ class Parametrization:
     ) -> list[dict[str, Any]]:
         """One ``torch.optim`` parameter group per role present in ``model``.
 
-        Each group holds ``params``, ``lr = lr * m^{-c_role}``, ``weight_decay``, ``role`` and
-        ``width_mult`` (m). ``model`` may be a list of modules (e.g. forward and feedback
-        networks); every parameter of the module tree is classified, each once.
+        Each group holds ``params``, ``lr = lr * m^{-c_role}``, ``weight_decay``, ``role``,
+        ``width_mult`` (m) and ``lr_scale`` (``m^{-c_role}``, for schedules and weight
+        averaging that set learning rates). ``model`` may be a list of modules (e.g. forward
+        and feedback networks); every parameter of the module tree is classified, each once.
         """
         exponents = self.exponents(rule, optimizer)
         width_mult = self.width_mult(model)
@@ -268,6 +269,7 @@ def _group(
         "weight_decay": weight_decay / scale,
         "role": role,
         "width_mult": width_mult,
+        "lr_scale": scale,
     }
 
 
