@@ -634,8 +634,9 @@ class LocalLearningModule(L.LightningModule):
         last = (batch_idx + 1) % k == 0 or self._last_batch_of_epoch()
         if first:
             optimizer.zero_grad(set_to_none=True)
-        result = self.rule.training_loss(self.trained_network, inputs, targets)
-        with self._backward_sync(enabled=last):
+        rule = self.rule
+        result = rule.training_loss(self.trained_network, inputs, targets)
+        with self._backward_sync(enabled=last), rule.backward_precision(inputs):
             self.manual_backward(result.surrogate if k == 1 else result.surrogate / k)
         if last:
             if settings.gradient_clip_val is not None:

@@ -45,6 +45,7 @@ __all__ = [
     "RuleSettings",
     "StepResult",
     "check_finite",
+    "full_precision",
     "local_loss",
     "local_losses",
     "setting",
@@ -66,6 +67,14 @@ class StepResult:
     surrogate: Tensor
     output: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def full_precision(reference: Tensor) -> torch.autocast:
+    """Autocast switched off on ``reference``'s device: inside, operations run in the tensors'
+    own dtype, fp32 under mixed precision (the parameters stay fp32 there). The rules run
+    inference (PC states, errors, energies; TP targets and feedback fits) inside it, and the
+    weight update's forward pass outside, in the precision the caller asked for."""
+    return torch.autocast(device_type=reference.device.type, enabled=False)
 
 
 def check_finite(value: Tensor, what: str) -> Tensor:
@@ -202,6 +211,10 @@ class LocalRule(ABC):
 
     name: str = "rule"
     Settings: ClassVar[type[RuleSettings]] = RuleSettings
+    full_precision_update: ClassVar[bool] = False
+    """Whether the surrogate's backward pass must also run outside autocast (the local rules:
+    their updates are products of small errors; CPU autograd runs the backward pass in the
+    caller's thread, under its autocast). Backprop follows the caller's precision."""
     settings: RuleSettings
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -273,9 +286,17 @@ class LocalRule(ABC):
         """One training step without Lightning: zero grads, surrogate backward, optimizer step."""
         optimizer.zero_grad(set_to_none=True)
         result = self.training_loss(network, inputs, targets)
-        result.surrogate.backward()
+        with self.backward_precision(inputs):
+            result.surrogate.backward()
         optimizer.step()
         return result
+
+    def backward_precision(self, reference: Tensor) -> Any:
+        """The context the surrogate's backward pass runs in: :func:`full_precision` for a
+        rule with :attr:`full_precision_update`, else the caller's (a no-op context)."""
+        import contextlib
+
+        return full_precision(reference) if self.full_precision_update else contextlib.nullcontext()
 
     @torch.no_grad()
     def predict(self, network: nn.Module, inputs: Tensor) -> Tensor:

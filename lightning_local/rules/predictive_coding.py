@@ -57,6 +57,7 @@ from lightning_local.rules.base import (
     RuleSettings,
     StepResult,
     check_finite,
+    full_precision,
     local_losses,
     setting,
 )
@@ -200,6 +201,7 @@ class PredictiveCoding(LocalRule):
 
     name = "pc"
     Settings = PredictiveCodingSettings
+    full_precision_update = True
     settings: PredictiveCodingSettings
 
     def __init__(
@@ -304,7 +306,9 @@ class PredictiveCoding(LocalRule):
         keep_outputs: bool,
     ) -> InferenceResult:
         blocks = as_blocks(network)
-        with torch.inference_mode(False), torch.no_grad():
+        # states, errors and energies in the parameters' dtype (fp32 under mixed precision):
+        # many small state steps would drift in bf16 (see docs/math.md §1.5)
+        with torch.inference_mode(False), torch.no_grad(), full_precision(inputs):
             if inputs.is_inference():  # validation data: autograd may not touch it
                 inputs = inputs.clone()
             return self._infer(blocks, inputs, targets, final_energy, keep_outputs)
@@ -470,6 +474,15 @@ class PredictiveCoding(LocalRule):
         return terms.sum(), terms
 
     def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
+        # the whole step in the parameters' dtype (fp32 under mixed precision): the local
+        # errors (state or target minus prediction) are small differences of O(1) values
+        # and would be lost to bf16 rounding (docs/math.md §6)
+        with full_precision(inputs):
+            return self._training_loss(network, inputs, targets)
+
+    def _training_loss(
+        self, network: nn.Module, inputs: Tensor, targets: Tensor
+    ) -> StepResult:
         # without FPA the surrogate's forward pass is at the final states: it gives the final
         # energy, so inference skips computing it
         inference = self._run(

@@ -52,6 +52,7 @@ from lightning_local.rules.base import (
     RuleSettings,
     StepResult,
     check_finite,
+    full_precision,
     local_loss,
     setting,
 )
@@ -218,6 +219,7 @@ class TargetPropagation(LocalRule):
 
     name = "tp"
     Settings = TargetPropagationSettings
+    full_precision_update = True
     settings: TargetPropagationSettings
 
     def __init__(
@@ -316,11 +318,12 @@ class TargetPropagation(LocalRule):
         ``f_l`` runs without grad, so only the feedback parameters get gradients.
         """
         total = activations[0].new_zeros(())
-        for index, g in enumerate(feedback, start=1):
-            noisy = activations[index] + self.noise_std * torch.randn_like(activations[index])
-            with torch.no_grad():
-                forward = blocks[index](noisy)
-            total = total + 0.5 * (g(forward) - noisy).pow(2).sum()
+        with full_precision(activations[0]):  # the feedback fit: fp32 under mixed precision
+            for index, g in enumerate(feedback, start=1):
+                noisy = activations[index] + self.noise_std * torch.randn_like(activations[index])
+                with torch.no_grad():
+                    forward = blocks[index](noisy)
+                total = total + 0.5 * (g(forward) - noisy).pow(2).sum()
         return total
 
     def feedback_step(
@@ -336,11 +339,12 @@ class TargetPropagation(LocalRule):
         if self.feedback_training != "noisy":
             raise LocalLearningError("feedback_step trains feedback by gradient; this rule has "
                                      f"feedback_training={self.feedback_training!r}.")
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(inputs):
             activations = feedforward(blocks, inputs)
         params = list(feedback.parameters())
         total = self._reconstruction_sum(blocks, feedback, activations)
-        grads = torch.autograd.grad(total, params)
+        with full_precision(inputs):
+            grads = torch.autograd.grad(total, params)
         flat = torch.cat([g.flatten() for g in grads] + [total.detach().view(1),
                                                         total.new_full((1,), inputs.shape[0])])
         if self.all_reduce_sum is not None:
@@ -382,11 +386,12 @@ class TargetPropagation(LocalRule):
         self, network: nn.Module, inputs: Tensor, targets: Tensor
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         blocks, feedback = self._parts(network)
-        activations = feedforward(blocks, inputs)
-        if self.feedback_training == "ridge":
-            self.fit_feedback(network, activations)
-        output_grad = self.loss.grad(activations[-1], targets)
-        return activations, *self._targets(feedback, activations, output_grad)
+        with full_precision(inputs):  # targets and feedback fits: fp32 under mixed precision
+            activations = feedforward(blocks, inputs)
+            if self.feedback_training == "ridge":
+                self.fit_feedback(network, activations)
+            output_grad = self.loss.grad(activations[-1], targets)
+            return activations, *self._targets(feedback, activations, output_grad)
 
     def layer_targets(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
         """The targets ``[tau_1, ..., tau_L]`` that :meth:`training_loss` builds for a batch.
@@ -396,6 +401,15 @@ class TargetPropagation(LocalRule):
         return self._feedforward_and_targets(network, inputs, targets)[1]
 
     def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
+        # the whole step in the parameters' dtype (fp32 under mixed precision): the local
+        # errors (state or target minus prediction) are small differences of O(1) values
+        # and would be lost to bf16 rounding (docs/math.md §6)
+        with full_precision(inputs):
+            return self._training_loss(network, inputs, targets)
+
+    def _training_loss(
+        self, network: nn.Module, inputs: Tensor, targets: Tensor
+    ) -> StepResult:
         blocks, feedback = self._parts(network)
         activations, layer_targets, errors = self._feedforward_and_targets(
             network, inputs, targets
