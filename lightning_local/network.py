@@ -24,13 +24,17 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_local.errors import ShapeMismatchError, UnsupportedNetworkError
 
-__all__ = ["ACTIVATIONS", "as_blocks", "feedforward", "output_width", "shape_errors"]
+__all__ = [
+    "ACTIVATIONS", "as_blocks", "compiled_original", "feedforward", "output_width",
+    "shape_errors",
+]
 
 
 #: Parameter-free elementwise activations that ``as_blocks`` joins to the block before them.
@@ -85,6 +89,22 @@ def _grouped(children: list[nn.Module]) -> list[nn.Module]:
     return [run[0] if len(run) == 1 else _group(run) for run in runs]
 
 
+def compiled_original(module: Any) -> Any:
+    """The module inside ``torch.compile(module)`` (an ``OptimizedModule``), else ``module``.
+
+    A compiled network is read through its original module: the rules run its blocks one by
+    one, so compiling the whole network compiles nothing they run; compile the blocks instead
+    (``nn.Sequential(*(torch.compile(b) for b in blocks))``): each compiled block keeps its
+    compiled forward, and the closed-form fast path still recognizes Linear(+activation)
+    blocks through their original modules.
+    """
+    while isinstance(module, nn.Module) and isinstance(
+        getattr(module, "_orig_mod", None), nn.Module
+    ) and type(module).__name__ == "OptimizedModule":
+        module = module._orig_mod
+    return module
+
+
 def as_blocks(
     model: nn.Module | Sequence[nn.Module], group_activations: bool = True
 ) -> list[nn.Module]:
@@ -101,6 +121,7 @@ def as_blocks(
             stand-alone activation (when grouping), or has fewer than two blocks (after
             grouping; a local rule needs at least one hidden state between input and readout).
     """
+    model = compiled_original(model)
     if isinstance(model, nn.Sequential):
         children = list(model)
     elif isinstance(model, (list, tuple, nn.ModuleList)):

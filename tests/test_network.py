@@ -216,3 +216,66 @@ def test_target_propagation_builds_feedback_for_a_flat_model():
     assert any(float(g.abs().max()) > 0 for g in flat_grads)
     for a, b in zip(flat_grads, reference_grads):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------ torch.compile
+def _compile(module):
+    return torch.compile(module, backend="eager")  # dynamo without a C++ toolchain
+
+
+def _pc_gradients(network):
+    from lightning_local.rules import PredictiveCoding
+
+    rule = PredictiveCoding(inference="simultaneous", inference_steps=4, inference_lr=0.2,
+                            fixed_prediction=False)
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 4, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    for p in network.parameters():
+        p.grad = None
+    rule.training_loss(network, x, y).surrogate.backward()
+    return [p.grad.clone() for p in network.parameters()]
+
+
+def _tanh_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.Tanh()),
+                         nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 3))
+
+
+def test_a_compiled_network_is_read_through_its_original_module():
+    from lightning_local.network import compiled_original
+
+    net = _tanh_net()
+    compiled = _compile(net)
+    assert compiled_original(compiled) is net
+    assert as_blocks(compiled) == as_blocks(net)
+    reference = _pc_gradients(_tanh_net())
+    for a, b in zip(_pc_gradients(compiled), reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compiled_blocks_keep_the_fast_path_and_the_result():
+    from lightning_local.rules._linearize import _affine_parts
+
+    net = _tanh_net()
+    compiled_blocks = nn.Sequential(*(_compile(block) for block in net))
+    assert all(_affine_parts(block) is not None for block in compiled_blocks)
+    reference = _pc_gradients(_tanh_net())
+    for a, b in zip(_pc_gradients(compiled_blocks), reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_compiled_width_builder_gets_mup_base_shapes():
+    from lightning_local.models import MLP
+    from lightning_local.modules import PredictiveCodingModule
+
+    torch.manual_seed(0)
+    plain = PredictiveCodingModule(network=MLP(width=32), parametrization="mup", base_width=16)
+    torch.manual_seed(0)
+    compiled = PredictiveCodingModule(network=_compile(MLP(width=32)), parametrization="mup",
+                                      base_width=16)
+    for p, q in zip(plain.network.parameters(), compiled.network.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)  # the same init rescale
+        assert [d.width_mult() for d in q.infshape] == [d.width_mult() for d in p.infshape]
+    groups = [(g["role"], g["lr"]) for g in compiled.configure_optimizers().param_groups]
+    assert groups == [(g["role"], g["lr"]) for g in plain.configure_optimizers().param_groups]

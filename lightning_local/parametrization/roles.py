@@ -58,15 +58,22 @@ class ClassifiedParameter:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The network inside a ``DistributedDataParallel``/``DataParallel`` wrapper (else itself).
+    """The network inside ``DistributedDataParallel``/``DataParallel``/``torch.compile``
+    wrappers (else itself).
 
     Base shapes are recorded and applied on the unwrapped network: ``mup``'s prefix helper
     strips characters, not the ``module.`` prefix.
     """
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(module, wrappers):
-        module = module.module
-    return module
+    while True:
+        if isinstance(module, wrappers):
+            module = module.module
+        elif type(module).__name__ == "OptimizedModule" and isinstance(
+            getattr(module, "_orig_mod", None), nn.Module
+        ):
+            module = module._orig_mod  # torch.compile(network)
+        else:
+            return module
 
 
 def named_parameters(modules: Modules) -> Iterator[tuple[str, nn.Module, nn.Parameter]]:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_local.network import compiled_original
+
 __all__ = ["Linearization", "linearize", "supports_fast_path"]
 
 Pullback = Callable[[Tensor], Tensor]
@@ -48,7 +50,9 @@ class Linearization:
 
 
 def _affine_parts(block: nn.Module) -> tuple[nn.Linear, nn.Module | None] | None:
-    """``(linear, activation)`` when ``block`` is Linear or Sequential(Linear, elementwise act)."""
+    """``(linear, activation)`` when ``block`` is Linear or Sequential(Linear, elementwise act)
+    (a compiled block is read through its original module)."""
+    block = compiled_original(block)
     if isinstance(block, nn.Linear):
         return block, None
     if (
