@@ -101,16 +101,7 @@ def test_ddp_accumulation_equals_one_process_and_skips_the_first_all_reduce(
 ):
     """k = 2 micro-batches per step: 2 x B equals 1 x 2B, and the first micro-batch's backward
     runs without an all-reduce (DDP's no_sync), the k-th with exactly one."""
-    rank0, rank1 = (torch.load(accumulated_runs["ddp"] / f"{rule}_rank{r}.pt") for r in (0, 1))
-    single = torch.load(accumulated_runs["single"] / f"{rule}_rank0.pt")
-    initial = _initial_weights(rule)
-    moved = 0.0
-    for name, weight in rank0["state_dict"].items():
-        assert torch.equal(weight, rank1["state_dict"][name]), f"ranks differ in {name}"
-        difference = (weight - single["state_dict"][name]).abs().max().item()
-        assert difference < 1e-6, f"{rule} {name}: 2 x B differs from 1 x 2B by {difference}"
-        moved = max(moved, (weight - initial[name]).abs().max().item())
-    assert moved > 1e-3
+    rank0 = _check_weights(accumulated_runs["ddp"], accumulated_runs["single"], rule)[0]
     counts = [(s["before_backward"], s["backward"], s["after_backward"])
               for s in rank0["all_reduces"]]
     assert counts == [(0, 0, 0), (0, 1, 0)] * (STEPS // 2)
@@ -122,7 +113,9 @@ def _initial_weights(rule: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.network_for_rule().state_dict().items()}
 
 
-def _check_against_one_process(folder: Path, reference: Path, rule: str) -> None:
+def _check_weights(folder: Path, reference: Path, rule: str) -> tuple[dict, dict, dict]:
+    """Both ranks hold the same weights, those of the single process at twice the batch, and
+    they moved; returns the three result files (rank 0, rank 1, single)."""
     rank0, rank1 = (torch.load(folder / f"{rule}_rank{r}.pt") for r in (0, 1))
     single = torch.load(reference / f"{rule}_rank0.pt")
     assert rank0["world_size"] == 2 and single["world_size"] == 1
@@ -135,6 +128,11 @@ def _check_against_one_process(folder: Path, reference: Path, rule: str) -> None
         assert difference < 1e-6, f"{rule} {name}: 2 x B differs from 1 x 2B by {difference}"
         moved = max(moved, (weight - initial[name]).abs().max().item())
     assert moved > 1e-3, "the weights did not move: the comparison would prove nothing"
+    return rank0, rank1, single
+
+
+def _check_against_one_process(folder: Path, reference: Path, rule: str) -> None:
+    rank0, rank1, single = _check_weights(folder, reference, rule)
     # epoch metrics are synchronised across ranks: both hold the global mean of 1 x 2B
     assert rank0["loss_epoch"] == rank1["loss_epoch"]
     assert rank0["loss_epoch"] == pytest.approx(single["loss_epoch"], abs=1e-6)
