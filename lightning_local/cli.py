@@ -150,7 +150,8 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
     options: dict[str, Any] = dict(
         subclass_mode_model=True,
         subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        # never overwrite a previous run's config.yaml: LightningCLI stops and says how
+        save_config_kwargs={"overwrite": False},
         parser_kwargs={"prog": "lightning-local"} if run else {},
     )
     options.update(kwargs)
@@ -238,7 +239,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if command in LIGHTNING_SUBCOMMANDS:
-            run_lightning_cli([command, *rest])
+            # the arguments go in explicitly; an empty sys.argv keeps LightningCLI from warning
+            # that both were given
+            saved, sys.argv = sys.argv, sys.argv[:1]
+            try:
+                run_lightning_cli([command, *rest])
+            except RuntimeError as error:  # LightningCLI refusing to overwrite a config.yaml
+                if "overwrit" not in str(error):
+                    raise
+                print(f"lightning-local {command}: {error}", file=sys.stderr)
+                return 1
+            finally:
+                sys.argv = saved
             return 0
         code = SUBCOMMANDS[command].load()(rest)
     except LocalLearningError as error:  # a user mistake or a diverged run: the message says why

@@ -248,3 +248,24 @@ def test_cli_optimizer_the_tables_do_not_cover_is_refused():
 
     with pytest.raises(LocalLearningError, match="RMSprop"):
         _cli_optimizer(32, "--optimizer", "RMSprop", "--optimizer.lr", "0.001")
+
+
+def test_fit_twice_into_one_folder_keeps_the_first_config(data_dir, tmp_path, monkeypatch, capsys):
+    """The console command neither warns about `args` nor overwrites a run's config.yaml."""
+    import warnings
+
+    args = ["fit", "--model", "BackpropModule", "--model.network", "lightning_local.models.MLP",
+            "--model.network.width", "16", *QUIET, "--trainer.max_steps", "1",
+            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.default_root_dir", str(tmp_path), *_small_data(data_dir)]
+    monkeypatch.setattr(sys, "argv", ["lightning-local", *args])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(args) == 0
+    assert not [w for w in caught if "args" in str(w.message) and "command line" in str(w.message)]
+    config = tmp_path / "config.yaml"
+    first = config.read_text()
+    capsys.readouterr()
+    assert cli.main([*args, "--model.network.width", "32"]) == 1
+    assert "config.yaml" in capsys.readouterr().err
+    assert config.read_text() == first
