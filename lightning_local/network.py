@@ -55,6 +55,7 @@ _GROUP_CACHE = weakref.WeakValueDictionary()
 
 
 def _is_activation(module: object) -> bool:
+    module = compiled_original(module)  # a compiled activation is still one
     return isinstance(module, ACTIVATIONS) and next(module.parameters(), None) is None
 
 

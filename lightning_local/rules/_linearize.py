@@ -58,10 +58,10 @@ def _affine_parts(block: nn.Module) -> tuple[nn.Linear, nn.Module | None] | None
     if (
         isinstance(block, nn.Sequential)
         and len(block) == 2
-        and isinstance(block[0], nn.Linear)
-        and type(block[1]) in _DERIVATIVE_FROM_OUTPUT
+        and isinstance(compiled_original(block[0]), nn.Linear)
+        and type(compiled_original(block[1])) in _DERIVATIVE_FROM_OUTPUT
     ):
-        return block[0], block[1]
+        return compiled_original(block[0]), compiled_original(block[1])
     if isinstance(block, nn.Sequential) and len(block) == 1:
         return _affine_parts(block[0])
     return None
