@@ -33,7 +33,7 @@ from lightning_local.errors import ShapeMismatchError, UnsupportedNetworkError
 
 __all__ = [
     "ACTIVATIONS", "as_blocks", "compiled_original", "feedforward", "output_width",
-    "shape_errors",
+    "shape_errors", "tensor_output",
 ]
 
 
@@ -196,8 +196,20 @@ def feedforward(blocks: Sequence[nn.Module], inputs: Tensor) -> list[Tensor]:
     activations = [inputs]
     for index, block in enumerate(blocks):
         with shape_errors(index, block, activations[-1]):
-            activations.append(block(activations[-1]))
+            activations.append(tensor_output(block(activations[-1]), block, index))
     return activations
+
+
+def tensor_output(output: object, block: nn.Module, index: int | None = None) -> Tensor:
+    """``output`` of ``block`` if it is a tensor; else an error with the fix."""
+    if isinstance(output, Tensor):
+        return output
+    where = f"block {index}" if index is not None else "a block"
+    raise UnsupportedNetworkError(
+        f"{where} ({type(block).__name__}) returned a {type(output).__name__}, not a tensor "
+        "(nn.LSTM and nn.MultiheadAttention return tuples). Fix: wrap it in a module whose "
+        "forward returns one tensor, e.g. the LSTM's output sequence."
+    )
 
 
 @torch.no_grad()

@@ -364,7 +364,7 @@ def test_cnn_gets_shape_matching_feedback_and_trains_with_noisy_reconstruction()
 
 def test_unsupported_networks_and_settings_raise_library_errors():
     with pytest.raises(UnsupportedNetworkError, match="build_network"):
-        TargetPropagation().training_loss(MLP(6, 8, 3), *_data())
+        TargetPropagation().training_loss(MLP(6, 8, 3).double(), *_data())
     with pytest.raises(UnsupportedNetworkError, match="noisy"):
         TargetPropagation().build_network(CNN(1, 8, 4, 3))
     conv = nn.Sequential(*CNN(1, 8, 4, 3))  # a plain Sequential: no known input shape
@@ -384,7 +384,7 @@ def test_unsupported_networks_and_settings_raise_library_errors():
         TargetPropagation(beta=0.0)
     noisy_net = TargetPropagation(feedback_training="noisy").build_network(MLP(6, 8, 3))
     with pytest.raises(LocalLearningError, match="requires_grad"):
-        TargetPropagation(feedback_training="ridge").training_loss(noisy_net, *_data())
+        TargetPropagation(feedback_training="ridge").training_loss(noisy_net, *map(_float, _data()))
     with pytest.raises(LocalLearningError, match="layer_weights"):
         TargetPropagation(layer_weights=[1.0]).training_loss(
             TargetPropagation().build_network(MLP(6, 8, 3)), *map(_float, _data())

@@ -76,9 +76,16 @@ def _block_shapes(blocks: Sequence[nn.Module], input_shape: Sequence[int] | None
     dtype = parameter.dtype if parameter is not None else None
     h = torch.zeros(1, *input_shape, device=device, dtype=dtype)
     shapes = [tuple(h.shape[1:])]
-    for block in blocks:
-        h = block(h)
-        shapes.append(tuple(h.shape[1:]))
+    modes = [(m, m.training) for block in blocks for m in block.modules()]
+    try:  # the probe in eval mode: it must not update BatchNorm statistics (nor fail on them)
+        for block in blocks:
+            block.eval()
+        for block in blocks:
+            h = block(h)
+            shapes.append(tuple(h.shape[1:]))
+    finally:
+        for module, training in modes:
+            module.training = training
     return shapes
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_local.network import compiled_original
+from lightning_local.network import compiled_original, tensor_output
 
 __all__ = ["Linearization", "linearize", "supports_fast_path"]
 
@@ -93,7 +93,7 @@ def _linearize_affine(
 def _linearize_autograd(block: nn.Module, x: Tensor) -> Linearization:
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
-        output = block(leaf)
+        output = tensor_output(block(leaf), block)
 
     def pullback(v: Tensor) -> Tensor:
         (grad,) = torch.autograd.grad(output, leaf, grad_outputs=v, retain_graph=True)

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from lightning_local.network import as_blocks, feedforward
-from lightning_local.rules.base import LocalRule, RuleSettings, StepResult, check_finite
+from lightning_local.rules.base import (
+    LocalRule,
+    RuleSettings,
+    StepResult,
+    check_batch,
+    check_finite,
+)
 
 __all__ = ["Backprop", "BackpropSettings"]
 
@@ -28,6 +34,7 @@ class Backprop(LocalRule):
     Settings = BackpropSettings
 
     def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
+        check_batch(network, inputs, targets, local=False)
         output = feedforward(as_blocks(network), inputs)[-1]
         loss = check_finite(self.loss.mean(output, targets), "the backprop loss")
         return StepResult(loss=loss.detach(), surrogate=loss, output=output.detach())

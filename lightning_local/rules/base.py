@@ -44,6 +44,7 @@ __all__ = [
     "LocalRule",
     "RuleSettings",
     "StepResult",
+    "check_batch",
     "check_finite",
     "full_precision",
     "local_loss",
@@ -75,6 +76,78 @@ def full_precision(reference: Tensor) -> torch.autocast:
     inference (PC states, errors, energies; TP targets and feedback fits) inside it, and the
     weight update's forward pass outside, in the precision the caller asked for."""
     return torch.autocast(device_type=reference.device.type, enabled=False)
+
+
+_RESAMPLING = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+def check_batch(
+    network: nn.Module, inputs: Tensor, targets: Tensor, *, local: bool = True
+) -> None:
+    """Refuse a batch or network the rule would train on silently wrongly, naming the fix.
+
+    Checks: tensors with one row per sample and equal batch sizes; a non-empty batch; inputs
+    in the weights' dtype (integers only into an ``nn.Embedding``); for a first block that is
+    (or starts with) an ``nn.Linear``, inputs of shape ``(batch, in_features)``. For a local
+    rule (``local``) also no Dropout or BatchNorm in training mode: the rule runs each block
+    several times per step (inference, targets, the update), so each call would draw a new
+    dropout mask or update the running statistics again.
+
+    Raises:
+        ShapeMismatchError: for shapes; LocalLearningError for the rest.
+    """
+    from lightning_local.errors import ShapeMismatchError, UnsupportedNetworkError
+
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise LocalLearningError(
+            f"inputs and targets must be tensors, got {type(inputs).__name__} and "
+            f"{type(targets).__name__}. Fix: make the data loader yield (x, y) tensors."
+        )
+    if inputs.dim() < 2:
+        raise ShapeMismatchError(
+            f"inputs of shape {tuple(inputs.shape)} have no batch dimension. Fix: pass "
+            "(batch, features...), e.g. x.unsqueeze(0) for one sample."
+        )
+    if inputs.shape[0] == 0:
+        raise LocalLearningError("the batch is empty. Fix: check the data set and loader.")
+    if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+        raise ShapeMismatchError(
+            f"{inputs.shape[0]} inputs but targets of shape {tuple(targets.shape)}. Fix: one "
+            "target per sample (labels of shape (batch,), or (batch, outputs))."
+        )
+    blocks = as_blocks(network)
+    parameter = next(iter(nn.ModuleList(blocks).parameters()), None)
+    first = blocks[0]
+    layers = list(first) if isinstance(first, nn.Sequential) else [first]
+    embeds = any(isinstance(m, nn.Embedding) for m in first.modules())
+    if not torch.is_floating_point(inputs) and not embeds:
+        raise LocalLearningError(
+            f"inputs are {inputs.dtype}, but the network takes floating-point inputs. Fix: "
+            "x.float()."
+        )
+    if parameter is not None and torch.is_floating_point(inputs) and not embeds and (
+        inputs.dtype != parameter.dtype
+    ):
+        raise LocalLearningError(
+            f"inputs are {inputs.dtype} but the network's weights are {parameter.dtype}. Fix: "
+            f"convert the inputs (x.to({parameter.dtype})) or the network."
+        )
+    head = layers[0]
+    if isinstance(head, nn.Linear) and (inputs.dim() != 2 or inputs.shape[1] != head.in_features):
+        raise ShapeMismatchError(
+            f"inputs of shape {tuple(inputs.shape)}, but the first layer takes (batch, "
+            f"{head.in_features}). Fix: flatten the inputs (x.flatten(1)) or build the network "
+            f"for {inputs[0].numel()} input features."
+        )
+    if local:
+        for module in network.modules():
+            if isinstance(module, _RESAMPLING) and module.training:
+                raise UnsupportedNetworkError(
+                    f"{type(module).__name__} in training mode under a local rule: the rule runs "
+                    "each block several times per step, and each run would draw a new dropout "
+                    "mask or update the running statistics again. Fix: remove it, or put it in "
+                    "eval mode (module.eval()) so it is a fixed function during training."
+                )
 
 
 def check_finite(value: Tensor, what: str) -> Tensor:

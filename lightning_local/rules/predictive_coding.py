@@ -56,6 +56,7 @@ from lightning_local.rules.base import (
     LocalRule,
     RuleSettings,
     StepResult,
+    check_batch,
     check_finite,
     full_precision,
     local_losses,
@@ -156,13 +157,14 @@ class PredictiveCodingSettings(RuleSettings):
                 f"unknown inference schedule {self.inference!r}. Fix: use one of {_SCHEDULES}."
             )
         steps = self.inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            if isinstance(steps, float) and steps.is_integer() and steps >= 0:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            if isinstance(steps, float) and steps.is_integer() and steps >= 1:
                 object.__setattr__(self, "inference_steps", int(steps))
             else:
                 raise LocalLearningError(
-                    f"inference_steps must be a whole number >= 0, got {steps!r}. Fix: e.g. "
-                    "inference_steps=8."
+                    f"inference_steps must be a whole number >= 1, got {steps!r} (0 would "
+                    "leave every hidden error at 0, so only the readout would learn). Fix: e.g. "
+                    "inference_steps=8, or inference_steps=1 for the single-shot SI sweep."
                 )
         if not 0.0 <= self.state_momentum < 1.0:
             raise LocalLearningError(
@@ -477,6 +479,7 @@ class PredictiveCoding(LocalRule):
         # the whole step in the parameters' dtype (fp32 under mixed precision): the local
         # errors (state or target minus prediction) are small differences of O(1) values
         # and would be lost to bf16 rounding (docs/math.md §6)
+        check_batch(network, inputs, targets)
         with full_precision(inputs):
             return self._training_loss(network, inputs, targets)
 

@@ -51,6 +51,7 @@ from lightning_local.rules.base import (
     LocalRule,
     RuleSettings,
     StepResult,
+    check_batch,
     check_finite,
     full_precision,
     local_loss,
@@ -404,6 +405,7 @@ class TargetPropagation(LocalRule):
         # the whole step in the parameters' dtype (fp32 under mixed precision): the local
         # errors (state or target minus prediction) are small differences of O(1) values
         # and would be lost to bf16 rounding (docs/math.md §6)
+        check_batch(network, inputs, targets)
         with full_precision(inputs):
             return self._training_loss(network, inputs, targets)
 

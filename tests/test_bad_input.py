@@ -1,0 +1,92 @@
+"""Bad input gets a clear error naming the problem and the fix, for every rule.
+
+Each case is first run as torch would see it (the reference): it either fails obscurely or
+trains silently wrongly, so the library's check is what makes the difference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_local.errors import LocalLearningError, ShapeMismatchError, UnsupportedNetworkError
+from lightning_local.rules import Backprop, PredictiveCoding, TargetPropagation
+
+RULES = {
+    "bp": Backprop,
+    "pc": lambda: PredictiveCoding(inference="simultaneous", inference_steps=3),
+    "dtp": TargetPropagation,
+}
+
+
+def _net(*middle: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), *middle), nn.Linear(8, 3))
+
+
+def _run(name: str, network: nn.Module, x, y):
+    rule = RULES[name]()
+    if name == "dtp":
+        network = rule.build_network(network)
+    return rule.training_loss(network, x, y)
+
+
+X, Y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("x, y, error, match", [
+    (torch.randn(4, 2, 3), Y, ShapeMismatchError, "flatten"),
+    (torch.randn(6), Y, ShapeMismatchError, "batch dimension"),
+    (X.double(), Y, LocalLearningError, "float64"),
+    (X.long(), Y, LocalLearningError, "x.float"),
+    (X[:0], Y[:0], LocalLearningError, "empty"),
+    (X, Y[:3], ShapeMismatchError, "one target per sample"),
+], ids=["3d", "1d", "float64", "int64", "empty", "targets"])
+def test_bad_batches_are_refused_with_the_fix(name, x, y, error, match):
+    with pytest.raises(error, match=match):
+        _run(name, _net(), x, y)
+
+
+@pytest.mark.parametrize("name", ["pc", "dtp"])
+@pytest.mark.parametrize("make", [lambda: nn.Dropout(0.5), lambda: nn.BatchNorm1d(8)],
+                         ids=["dropout", "bn"])
+def test_resampling_layers_in_training_mode_are_refused_under_local_rules(name, make):
+    network = _net(make())
+    # the reference: two identical calls disagree (dropout) or move the statistics (bn)
+    torch.manual_seed(1)
+    before = [b.clone() for b in network.buffers()]
+    first, second = network(X), network(X)
+    assert not torch.equal(first, second) or any(
+        not torch.equal(a, b) for a, b in zip(before, network.buffers()))
+    with pytest.raises(UnsupportedNetworkError, match="eval mode"):
+        _run(name, network, X, Y)
+    network.eval()  # a fixed function: accepted
+    _run(name, network, X, Y)
+
+
+def test_backprop_keeps_dropout_and_batchnorm():
+    _run("bp", _net(nn.Dropout(0.5), nn.BatchNorm1d(8)), X, Y)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x.unsqueeze(1))  # a tuple, as nn.LSTM returns
+
+
+@pytest.mark.parametrize("name", ["bp", "pc"])
+def test_a_block_returning_a_tuple_is_refused_with_the_fix(name):
+    network = nn.Sequential(_Recurrent(), nn.Linear(8, 3))
+    with pytest.raises(UnsupportedNetworkError, match="returned a tuple"):
+        _run(name, network, X, Y)
+
+
+def test_zero_inference_steps_is_refused():
+    # the reference: with 0 steps only the readout would learn (hidden errors stay 0)
+    with pytest.raises(LocalLearningError, match=">= 1"):
+        PredictiveCoding(inference_steps=0)
