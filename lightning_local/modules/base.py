@@ -58,7 +58,7 @@ from typing_extensions import Self
 from lightning_local.distributed import check_supported_strategy
 from lightning_local.errors import LocalLearningError, UnsupportedNetworkError
 from lightning_local.models import WidthBuilder
-from lightning_local.modules.checkpoint import checkpoint_errors
+from lightning_local.modules.checkpoint import checkpoint_errors, install_atomic_checkpoints
 from lightning_local.modules.weight_averaging import check_weight_averaging
 from lightning_local.network import as_blocks, output_width
 from lightning_local.parametrization import Parametrization
@@ -529,7 +529,8 @@ class LocalLearningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        """Wire the run before the optimizer and any DDP wrapper exist.
+        """Wire the run before the optimizer and any DDP wrapper exist, and give the Trainer
+        atomic, validated checkpoints (unless it has a checkpoint IO of the user's own).
 
         Raises:
             LocalLearningError: under a sharding strategy (FSDP, DeepSpeed), which loses the
@@ -537,6 +538,7 @@ class LocalLearningModule(L.LightningModule):
         """
         if self._trainer is not None:
             check_supported_strategy(self._trainer.strategy)
+            install_atomic_checkpoints(self._trainer.strategy)  # before any save or resume
         self.apply_parametrization()
 
     def on_train_start(self) -> None:

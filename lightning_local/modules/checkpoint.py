@@ -28,7 +28,14 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_local._atomic import atomic_torch_save
 from lightning_local.errors import CheckpointError
 
-__all__ = ["AtomicCheckpointIO", "check_checkpoint_file", "checkpoint_errors", "save_atomically"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "check_checkpoint_file",
+    "checkpoint_errors",
+    "install_atomic_checkpoints",
+    "remove_stale_temporaries",
+    "save_atomically",
+]
 
 _FIX = (
     "Fix: resume from an earlier checkpoint (e.g. the previous epoch's file or last.ckpt), or "
@@ -119,9 +126,12 @@ def _mismatch_detail(message: str) -> str:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file beside the target, ``fsync``, then ``os.replace``.
 
-    Pass it to the Trainer: ``Trainer(plugins=[AtomicCheckpointIO()])``. Remote (fsspec URL)
-    paths fall back to Lightning's writer. Loading checks the file and raises
-    :class:`CheckpointError` for a missing, truncated or corrupt checkpoint.
+    The library's modules install it in any Trainer that has Lightning's default checkpoint
+    IO (at ``setup``); pass it yourself (``Trainer(plugins=[AtomicCheckpointIO()])``) for
+    other modules. A save first removes the temporary files a killed save left beside the
+    target. Remote (fsspec URL) paths fall back to Lightning's writer. Loading checks the file
+    (every zip member's CRC) and raises :class:`CheckpointError` for a missing, truncated or
+    corrupt checkpoint.
     """
 
     def save_checkpoint(
@@ -130,6 +140,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+        remove_stale_temporaries(path)
         save_atomically(checkpoint, path)
 
     def load_checkpoint(
@@ -146,6 +157,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ".ckpt file written by a Trainer."
             )
         return checkpoint
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files a killed save of ``path`` left beside it; return them.
+
+    Only one process writes a given checkpoint path (rank 0), so any temporary of it found
+    before a new save is a leftover, never a save in progress.
+    """
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
+    return stale
+
+
+def install_atomic_checkpoints(strategy: Any) -> bool:
+    """Give ``strategy`` an :class:`AtomicCheckpointIO` when it has Lightning's default
+    ``TorchCheckpointIO`` (a checkpoint IO of the user's own is kept); ``True`` if installed.
+    """
+    if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+        return True
+    return False
 
 
 def save_atomically(obj: Any, path: str | os.PathLike[str]) -> None:
