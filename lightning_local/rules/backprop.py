@@ -15,7 +15,6 @@ from lightning_local.rules.base import (
     LocalRule,
     RuleSettings,
     StepResult,
-    check_batch,
     check_finite,
 )
 
@@ -33,8 +32,7 @@ class Backprop(LocalRule):
     name = "bp"
     Settings = BackpropSettings
 
-    def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
-        check_batch(network, inputs, targets, local=False)
+    def rule_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
         output = feedforward(as_blocks(network), inputs)[-1]
         loss = check_finite(self.loss.mean(output, targets), "the backprop loss")
         return StepResult(loss=loss.detach(), surrogate=loss, output=output.detach())

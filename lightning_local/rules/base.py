@@ -274,7 +274,7 @@ registers itself."""
 class LocalRule(ABC):
     """A learning rule on a layered network, in plain PyTorch.
 
-    Subclasses implement :meth:`training_loss` and declare their settings as a
+    Subclasses implement :meth:`rule_loss` and declare their settings as a
     :class:`RuleSettings` dataclass ``Settings``; the constructor takes the output loss and
     the settings as keyword arguments (``PredictiveCoding("mse", inference_steps=8)``) or as a
     ``settings=`` object, and each setting reads as an attribute (``rule.inference_steps``).
@@ -345,9 +345,24 @@ class LocalRule(ABC):
         default; predictive coding scales its output weight ``gamma_L``)."""
         return self
 
-    @abstractmethod
     def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
-        """Run the rule on a batch; return the surrogate whose gradient is the update."""
+        """Run the rule on a batch; return the surrogate whose gradient is the update.
+
+        Checks the batch and network first (:func:`check_batch`); a rule with
+        :attr:`full_precision_update` runs outside autocast (:func:`full_precision`): its
+        updates are products of small local errors, differences of order-1 values that bf16
+        would round away (docs/math.md §6).
+        """
+        check_batch(network, inputs, targets, local=self.full_precision_update)
+        if not self.full_precision_update:
+            return self.rule_loss(network, inputs, targets)
+        with full_precision(inputs):
+            return self.rule_loss(network, inputs, targets)
+
+    @abstractmethod
+    def rule_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
+        """The rule's own computation for :meth:`training_loss` (which checks the batch and
+        sets the precision first): inference, targets, the surrogate and its metrics."""
 
     def step(
         self,

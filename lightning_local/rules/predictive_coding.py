@@ -56,7 +56,6 @@ from lightning_local.rules.base import (
     LocalRule,
     RuleSettings,
     StepResult,
-    check_batch,
     check_finite,
     full_precision,
     local_losses,
@@ -475,17 +474,7 @@ class PredictiveCoding(LocalRule):
         terms = torch.stack(terms)
         return terms.sum(), terms
 
-    def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
-        # the whole step in the parameters' dtype (fp32 under mixed precision): the local
-        # errors (state or target minus prediction) are small differences of O(1) values
-        # and would be lost to bf16 rounding (docs/math.md §6)
-        check_batch(network, inputs, targets)
-        with full_precision(inputs):
-            return self._training_loss(network, inputs, targets)
-
-    def _training_loss(
-        self, network: nn.Module, inputs: Tensor, targets: Tensor
-    ) -> StepResult:
+    def rule_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
         # without FPA the surrogate's forward pass is at the final states: it gives the final
         # energy, so inference skips computing it
         inference = self._run(

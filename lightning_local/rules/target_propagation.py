@@ -51,7 +51,6 @@ from lightning_local.rules.base import (
     LocalRule,
     RuleSettings,
     StepResult,
-    check_batch,
     check_finite,
     full_precision,
     local_loss,
@@ -401,17 +400,7 @@ class TargetPropagation(LocalRule):
         """
         return self._feedforward_and_targets(network, inputs, targets)[1]
 
-    def training_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
-        # the whole step in the parameters' dtype (fp32 under mixed precision): the local
-        # errors (state or target minus prediction) are small differences of O(1) values
-        # and would be lost to bf16 rounding (docs/math.md §6)
-        check_batch(network, inputs, targets)
-        with full_precision(inputs):
-            return self._training_loss(network, inputs, targets)
-
-    def _training_loss(
-        self, network: nn.Module, inputs: Tensor, targets: Tensor
-    ) -> StepResult:
+    def rule_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
         blocks, feedback = self._parts(network)
         activations, layer_targets, errors = self._feedforward_and_targets(
             network, inputs, targets
