@@ -104,6 +104,9 @@ class TrainingSettings(RuleSettings):
         "the Trainer flag of this name")
     gradient_clip_algorithm: Literal["norm", "value"] = setting(
         "norm", "'norm' (total 2-norm at most gradient_clip_val) or 'value' (each entry)")
+    skip_nonfinite_batches: bool = setting(
+        False, "skip a batch whose loss, energy or gradients are not finite (counted in "
+        "train/skipped_batches) instead of stopping with an error")
 
     def __post_init__(self) -> None:
         make_parametrization(self.parametrization, self.output_weight_exponent)

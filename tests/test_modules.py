@@ -513,3 +513,63 @@ def test_checkpoint_holds_each_weight_once_and_old_checkpoints_load(tmp_path):
     loaded = BackpropModule.load_from_checkpoint(tmp_path / "old.ckpt")
     for p, q in zip(model.parameters(), loaded.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ divergence
+class _Overflowing(torch.optim.SGD):
+    """SGD whose third step overflows one weight (as a huge learning rate would)."""
+
+    def step(self, closure=None):
+        result = super().step(closure)
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.steps == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].mul_(float("inf"))
+        return result
+
+
+@pytest.mark.parametrize("overflow", [False, True], ids=["loss", "weights"])
+def test_divergence_never_reaches_disk(tmp_path, overflow):
+    """Backprop at lr 1e4 (its loss turns infinite), or a step that leaves a weight infinite
+    with a finite loss (which used to be checkpointed before the next step's loss raised):
+    training stops before that step's checkpoint, naming the step, and every file on disk
+    holds finite weights."""
+
+    class Diverging(BackpropModule):
+        def configure_optimizers(self):
+            if not overflow:
+                return super().configure_optimizers()
+            return _Overflowing(self.parameters(), lr=0.1)
+
+    model = Diverging(network=_mlp(), lr=0.1 if overflow else 1e4)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True,
+                                  save_top_k=-1)
+    trainer = _trainer(tmp_path, max_epochs=20, callbacks=[checkpoints],
+                       enable_checkpointing=True)
+    what = r"step 3: after the update the weight 0\.0\.weight" if overflow else r"step \d+: "
+    with pytest.raises(LocalLearningError, match=what + ".*not finite"):
+        trainer.fit(model, _loader())
+    files = sorted(tmp_path.glob("*.ckpt"))
+    assert files  # the run got past its first steps
+    for path in files:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), path.name
+
+
+def test_skip_nonfinite_batches_equals_training_without_them():
+    dataset = _data(n=48)
+    x, y = dataset.tensors
+    poisoned = x.clone()
+    poisoned[16:32] = float("nan")  # the second batch of 16
+    skipping = PredictiveCodingModule(network=_mlp(), skip_nonfinite_batches=True)
+    trainer = _trainer(max_epochs=1)
+    trainer.fit(skipping, DataLoader(TensorDataset(poisoned, y), batch_size=16))
+    assert float(trainer.callback_metrics["train/skipped_batches"]) == 1.0
+    clean = PredictiveCodingModule(network=_mlp())
+    kept = torch.cat([torch.arange(0, 16), torch.arange(32, 48)])
+    _trainer(max_epochs=1).fit(clean, DataLoader(TensorDataset(x[kept], y[kept]), batch_size=16))
+    for p, q in zip(skipping.network.parameters(), clean.network.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    with pytest.raises(LocalLearningError, match="step 2: .*skip_nonfinite_batches"):
+        _trainer(max_epochs=1).fit(PredictiveCodingModule(network=_mlp()),
+                                   DataLoader(TensorDataset(poisoned, y), batch_size=16))

@@ -102,6 +102,7 @@ NON_DEFAULT: dict[str, Any] = {
     "accumulate_grad_batches": 2,
     "gradient_clip_val": 1.0,
     "gradient_clip_algorithm": "value",
+    "skip_nonfinite_batches": True,
 }
 
 # Settings that cannot all be non-default at once: TP's feedback-only steps (several feedback

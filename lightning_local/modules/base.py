@@ -56,7 +56,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self
 
 from lightning_local.distributed import check_supported_strategy
-from lightning_local.errors import LocalLearningError, UnsupportedNetworkError
+from lightning_local.errors import (
+    LocalLearningError,
+    NonFiniteEnergyError,
+    UnsupportedNetworkError,
+)
 from lightning_local.models import WidthBuilder
 from lightning_local.modules.checkpoint import checkpoint_errors, install_atomic_checkpoints
 from lightning_local.modules.weight_averaging import check_weight_averaging
@@ -183,6 +187,22 @@ def _caller_init_args(module: nn.Module, frame: Any) -> dict[str, Any]:
         collected.update(values)
         frame = frame.f_back
     return collected
+
+
+def _first_nonfinite(network: nn.Module, *, gradients: bool) -> str | None:
+    """The name of the first parameter whose gradient (or value) is not finite, else None;
+    one host synchronisation when all are finite."""
+    named = [
+        (name, p.grad if gradients else p)
+        for name, p in network.named_parameters()
+        if not gradients or p.grad is not None
+    ]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
 
 
 def _adapting(configure: Callable[..., Any]) -> Callable[..., Any]:
@@ -637,20 +657,67 @@ class LocalLearningModule(L.LightningModule):
         if first:
             optimizer.zero_grad(set_to_none=True)
         rule = self.rule
-        result = rule.training_loss(self.trained_network, inputs, targets)
+        self.__dict__["_local_stepped"] = True
+        try:
+            result = rule.training_loss(self.trained_network, inputs, targets)
+        except NonFiniteEnergyError as error:  # the rule's message says nothing was applied
+            return self._skip_or_raise(f"{error}", optimizer, explained=True)
         with self._backward_sync(enabled=last), rule.backward_precision(inputs):
             self.manual_backward(result.surrogate if k == 1 else result.surrogate / k)
         if last:
+            bad = _first_nonfinite(self.trained_network, gradients=True)
+            if bad is not None:
+                return self._skip_or_raise(
+                    f"the gradient of {bad} is not finite.{self._lr_hint(bad)}", optimizer
+                )
             if settings.gradient_clip_val is not None:
                 self.clip_gradients(
                     optimizer, gradient_clip_val=settings.gradient_clip_val,
                     gradient_clip_algorithm=settings.gradient_clip_algorithm,
                 )
             optimizer.step()
+            bad = _first_nonfinite(self.trained_network, gradients=False)
+            if bad is not None:  # before this step's checkpoint: nothing of it reaches disk
+                raise NonFiniteEnergyError(  # global_step already counts this step
+                    f"step {self._step_number() - 1}: after the update the weight {bad} is not "
+                    f"finite.{self._lr_hint(bad)} The error stops training before this "
+                    "step's checkpoint is written: resume from the last checkpoint with a "
+                    "lower learning rate."
+                )
             self._step_schedulers("step")
         self._log_training(result, inputs.shape[0])
-        self.__dict__["_local_stepped"] = True
         return result.loss
+
+    def _step_number(self) -> int:
+        return (self._trainer.global_step + 1) if self._trainer is not None else 0
+
+    def _lr_hint(self, name: str) -> str:
+        """`` Its learning rate is ... at width multiplier m ...`` for parameter ``name``."""
+        parameter = dict(self.trained_network.named_parameters()).get(name)
+        for group in self.optimizers().param_groups if self._trainer is not None else []:
+            if any(p is parameter for p in group["params"]):
+                return (
+                    f" Its learning rate is {group['lr']:.3g} (role "
+                    f"{group.get('role', '?')}, width multiplier "
+                    f"{group.get('width_mult', 1.0):g}): lower lr."
+                )
+        return " Lower the learning rate."
+
+    def _skip_or_raise(
+        self, message: str, optimizer: Any, explained: bool = False
+    ) -> Tensor | None:
+        """Skip the batch (``skip_nonfinite_batches``) or raise with the step number."""
+        if not self.training_settings.skip_nonfinite_batches:
+            applied = "" if explained else " Nothing was applied to the weights."
+            raise NonFiniteEnergyError(
+                f"step {self._step_number()}: {message}{applied} Or set "
+                "skip_nonfinite_batches=True to skip such batches."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        skipped = self.__dict__.get("_local_skipped", 0) + 1
+        self.__dict__["_local_skipped"] = skipped
+        self.log("train/skipped_batches", float(skipped), on_step=True, on_epoch=False)
+        return None
 
     def _last_batch_of_epoch(self) -> bool:
         trainer = self._trainer
