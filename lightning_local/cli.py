@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -142,9 +141,9 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True, **kwa
     import lightning as L
 
     from lightning_local.modules import LocalLearningModule
+    from lightning_local.sweeps.components import make_current_folder_importable
 
-    if os.getcwd() not in sys.path and "" not in sys.path:  # --model mymodule.MyModule
-        sys.path.insert(0, os.getcwd())
+    make_current_folder_importable()  # --model mymodule.MyModule from the current folder
     if args is not None:
         args = _with_default_data(list(args), subcommand=run)
     options: dict[str, Any] = dict(

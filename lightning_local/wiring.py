@@ -39,6 +39,7 @@ from lightning_local.rules.base import LocalRule, RuleSettings, setting
 
 __all__ = [
     "OPTIMIZERS",
+    "check_optimizer",
     "optimizer_table",
     "TrainingSettings",
     "WiredRun",
@@ -76,6 +77,14 @@ def optimizer_table(optimizer_class: type[torch.optim.Optimizer]) -> str:
 
 
 NetworkFactory = Callable[[int], nn.Module]
+
+
+def check_optimizer(name: str) -> str:
+    """``name`` in lower case if the tables have its row (:data:`OPTIMIZERS`), else an error."""
+    key = str(name).lower()
+    if key not in OPTIMIZERS:
+        raise LocalLearningError(f"unknown optimizer {name!r}. Fix: use one of {list(OPTIMIZERS)}.")
+    return key
 """``width -> network``: the same architecture at any width (base and delta shapes)."""
 
 
@@ -111,11 +120,7 @@ class TrainingSettings(RuleSettings):
     def __post_init__(self) -> None:
         make_parametrization(self.parametrization, self.output_weight_exponent)
         object.__setattr__(self, "parametrization", str(self.parametrization).lower())
-        if str(self.optimizer).lower() not in OPTIMIZERS:
-            raise LocalLearningError(
-                f"unknown optimizer {self.optimizer!r}. Fix: use one of {list(OPTIMIZERS)}."
-            )
-        object.__setattr__(self, "optimizer", str(self.optimizer).lower())
+        object.__setattr__(self, "optimizer", check_optimizer(self.optimizer))
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise LocalLearningError(f"lr must be a finite positive number, got {self.lr!r}. "
                                      "Fix: e.g. lr=0.1.")
@@ -304,11 +309,7 @@ def wire(
         MissingBaseShapesError: muP and no way to get base shapes.
     """
     param = make_parametrization(parametrization, output_weight_exponent)
-    optimizer = str(optimizer).lower()
-    if optimizer not in OPTIMIZERS:
-        raise LocalLearningError(
-            f"unknown optimizer {optimizer!r}. Fix: use one of {list(OPTIMIZERS)}."
-        )
+    optimizer = check_optimizer(optimizer)
     as_blocks(network)  # fail early on a network the rules cannot read
     prepared = rule.prepare_network(network, input_shape)
     if param.requires_base_shapes and not has_base_shapes(prepared):

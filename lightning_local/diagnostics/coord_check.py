@@ -380,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     in ``<output>/wandb/``.
     """
     from lightning_local.diagnostics.loggers import add_wandb_arguments, command_wandb_run
-    from lightning_local.sweeps.config_file import config_path, read_config, split_config
+    from lightning_local.sweeps.config_file import apply_config_file
 
     parser = argparse.ArgumentParser(
         prog="lightning-local coord-check",
@@ -410,14 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default="coord_check", help="output folder")
     add_wandb_arguments(parser)
     try:
-        extra: dict[str, Any] = {}
-        path = config_path(argv)
-        if path is not None:
-            defaults, extra = split_config(
-                read_config(path), parser, ("model", "data", "optimizer", "loss", "depth",
-                                            "activation", "bias", "probe_size"),
-            )
-            parser.set_defaults(**defaults)
+        extra = apply_config_file(parser, argv, ("model", "data", "optimizer", "loss", "depth",
+                                                 "activation", "bias", "probe_size"))
     except LocalLearningError as error:
         print(f"lightning-local coord-check: {error}", file=sys.stderr)
         return 2

@@ -44,6 +44,7 @@ import os
 import sys
 import typing
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import IO, Any, ClassVar
 
 import lightning as L
@@ -725,11 +726,9 @@ class LocalLearningModule(L.LightningModule):
 
     def _backward_sync(self, enabled: bool) -> Any:
         """``nullcontext()``, or DDP's ``no_sync`` while accumulating (no all-reduce)."""
-        import contextlib
-
         strategy = self._trainer.strategy if self._trainer is not None else None
         if enabled or strategy is None or not hasattr(strategy, "block_backward_sync"):
-            return contextlib.nullcontext()
+            return nullcontext()
         return strategy.block_backward_sync()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

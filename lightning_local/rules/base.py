@@ -22,6 +22,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -115,9 +116,8 @@ def check_batch(
             f"{inputs.shape[0]} inputs but targets of shape {tuple(targets.shape)}. Fix: one "
             "target per sample (labels of shape (batch,), or (batch, outputs))."
         )
-    blocks = as_blocks(network)
-    parameter = next(iter(nn.ModuleList(blocks).parameters()), None)
-    first = blocks[0]
+    first = as_blocks(network)[0]
+    parameter = next(network.parameters(), None)
     layers = list(first) if isinstance(first, nn.Sequential) else [first]
     embeds = any(isinstance(m, nn.Embedding) for m in first.modules())
     if not torch.is_floating_point(inputs) and not embeds:
@@ -382,9 +382,7 @@ class LocalRule(ABC):
     def backward_precision(self, reference: Tensor) -> Any:
         """The context the surrogate's backward pass runs in: :func:`full_precision` for a
         rule with :attr:`full_precision_update`, else the caller's (a no-op context)."""
-        import contextlib
-
-        return full_precision(reference) if self.full_precision_update else contextlib.nullcontext()
+        return full_precision(reference) if self.full_precision_update else nullcontext()
 
     @torch.no_grad()
     def predict(self, network: nn.Module, inputs: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lightning_local.errors import LocalLearningError
 from lightning_local.loggers import add_wandb_arguments, command_wandb_run
-from lightning_local.sweeps.config_file import config_path, read_config, split_config
+from lightning_local.sweeps.config_file import apply_config_file
 from lightning_local.sweeps.experiment import RULE_VARIANTS
 from lightning_local.sweeps.results import METRICS
 from lightning_local.sweeps.runner import SweepConfig, log2_grid, sweep
@@ -93,14 +93,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[SweepConfig, argparse.Name
         LocalLearningError: a bad config file or grid.
     """
     parser = build_parser()
-    extra: dict = {}
-    path = config_path(argv)
-    if path is not None:
-        defaults, extra = split_config(
-            read_config(path), parser, ("model", "data", "optimizer", "data_seed",
-                                        "divergence_factor")
-        )
-        parser.set_defaults(**defaults)
+    extra = apply_config_file(
+        parser, argv, ("model", "data", "optimizer", "data_seed", "divergence_factor")
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.log2_lr is not None and len(args.log2_lr) not in (2, 3):
         raise LocalLearningError(

@@ -25,7 +25,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,17 +34,22 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_local.errors import LocalLearningError
+from lightning_local.wiring import NetworkFactory
 
-__all__ = ["DataSpec", "ModelSpec", "import_object", "plain_json"]
+__all__ = ["DataSpec", "ModelSpec", "import_object", "make_current_folder_importable", "plain_json"]
 
-NetworkFactory = Callable[[int], nn.Module]
+
+
+def make_current_folder_importable() -> None:
+    """Put the current folder on ``sys.path`` (as ``python -m`` does), once."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def import_object(path: str) -> Any:
     """The object at ``"package.module.Name"`` (the current folder is importable, like
     ``python -m``, so ``mymodels.ResidualMLP`` finds ``./mymodels.py``)."""
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    make_current_folder_importable()
     module_name, _, name = str(path).rpartition(".")
     if not module_name:
         raise LocalLearningError(

@@ -32,7 +32,7 @@ import yaml
 
 from lightning_local.errors import LocalLearningError
 
-__all__ = ["config_path", "read_config", "split_config"]
+__all__ = ["apply_config_file", "config_path", "read_config", "split_config"]
 
 
 def config_path(argv: Sequence[str] | None) -> str | None:
@@ -81,3 +81,16 @@ def split_config(
     defaults = {k: v for k, v in values.items() if k in dests}
     extra = {k: v for k, v in values.items() if k not in dests}
     return defaults, extra
+
+
+def apply_config_file(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, accepted: Iterable[str]
+) -> dict[str, Any]:
+    """Read ``--config`` from ``argv`` (if given) into ``parser``'s defaults, so options on
+    the command line override it; return the file's other ``accepted`` settings."""
+    path = config_path(argv)
+    if path is None:
+        return {}
+    defaults, extra = split_config(read_config(path), parser, accepted)
+    parser.set_defaults(**defaults)
+    return extra

@@ -44,8 +44,8 @@ from lightning_local.models import MLP
 from lightning_local.parametrization import Parametrization
 from lightning_local.rules import get_rule_class
 from lightning_local.rules.base import LocalRule
-from lightning_local.sweeps.components import DataSpec, ModelSpec, NetworkFactory, plain_json
-from lightning_local.wiring import make_parametrization, wire
+from lightning_local.sweeps.components import DataSpec, ModelSpec, plain_json
+from lightning_local.wiring import NetworkFactory, make_parametrization, wire
 
 __all__ = [
     "RULE_VARIANTS",

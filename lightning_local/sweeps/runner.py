@@ -50,7 +50,7 @@ from lightning_local.sweeps.results import (
     repair_results,
     run_key,
 )
-from lightning_local.wiring import OPTIMIZERS
+from lightning_local.wiring import check_optimizer
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import Logger
@@ -126,11 +126,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         self.model = ModelSpec.of(self.model)
         self.data = DataSpec.of(self.data)
-        if str(self.optimizer).lower() not in OPTIMIZERS:
-            raise LocalLearningError(
-                f"unknown optimizer {self.optimizer!r}. Fix: use one of {list(OPTIMIZERS)}."
-            )
-        self.optimizer = str(self.optimizer).lower()
+        self.optimizer = check_optimizer(self.optimizer)
         for name in ("rules", "parametrizations", "widths", "lrs", "seeds"):
             if not list(getattr(self, name)):
                 raise LocalLearningError(
