@@ -573,3 +573,16 @@ def test_skip_nonfinite_batches_equals_training_without_them():
     with pytest.raises(LocalLearningError, match="step 2: .*skip_nonfinite_batches"):
         _trainer(max_epochs=1).fit(PredictiveCodingModule(network=_mlp()),
                                    DataLoader(TensorDataset(poisoned, y), batch_size=16))
+
+
+@pytest.mark.parametrize("flag", [dict(accumulate_grad_batches=2), dict(gradient_clip_val=1.0)])
+def test_the_trainer_flags_are_refused_and_the_module_settings_replace_them(flag):
+    """Lightning refuses these Trainer flags under manual optimization (every rule needs it),
+    naming the flag; the module settings of the same name are the way (tested above and in
+    the rule tester)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    (name,) = flag
+    with pytest.raises(MisconfigurationException, match=name):
+        _trainer(max_steps=1, **flag).fit(BackpropModule(network=_mlp()), _loader())
+    assert name in BackpropModule.setting_names()
