@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -58,7 +59,13 @@ def test_a_flipped_byte_is_refused_on_resume(tmp_path):
     trainer.fit(BackpropModule(network=MLP(width=16)), _loader())
     path = Path(trainer.checkpoint_callback.best_model_path)
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01  # one bit, inside the tensor data
+    with zipfile.ZipFile(path) as archive:  # the largest record: a weight's bytes
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    header = record.header_offset
+    name_length = int.from_bytes(data[header + 26:header + 28], "little")
+    extra_length = int.from_bytes(data[header + 28:header + 30], "little")
+    start = header + 30 + name_length + extra_length
+    data[start + record.file_size // 2] ^= 0x01  # one bit, inside the tensor data
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt"):
         _trainer(tmp_path / "again", max_steps=4).fit(

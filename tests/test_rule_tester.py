@@ -23,12 +23,16 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_local.modules as modules
+from lightning_local.data import InMemoryDataModule
+from lightning_local.models import MLP
 from lightning_local.modules import LocalLearningModule
 from lightning_local.rules import RULES, Backprop, LocalRule
 from lightning_local.wiring import wire
+from tests._capture_logger import CaptureLogger
 
 IN, WIDTH, CLASSES, BATCH = 12, 24, 4, 8
 
@@ -228,3 +232,62 @@ def test_compiled_blocks_equal_the_uncompiled_network(name):
         trained.append(_by_hand(rule, network, _loader(dataset)))
     for p, q in zip(trained[0].parameters(), trained[1].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+class _ShuffledData(InMemoryDataModule):
+    """The library's data-module machinery (seeded, resumable shuffling) on a tiny problem:
+    30 training samples in batches of 8, so an epoch is 4 batches, the last one short."""
+
+    def __init__(self) -> None:
+        super().__init__(None, batch_size=BATCH, num_workers=0, val_fraction=0.25, seed=5,
+                         standardize=False)
+
+    def _load_splits(self):
+        x, y = _data(40).tensors
+        return (x.clone(), y.clone()), (x[:8].clone(), y[:8].clone())
+
+
+def _resumable_fit(name: str, folder, ckpt_path=None, scramble_rng: bool = False):
+    """Three epochs on shuffled data with a checkpoint after every step and every epoch."""
+    rule_class, rule_settings, module_class = _case(name)
+    torch.manual_seed(0)
+    network = MLP(in_features=IN, width=WIDTH, num_classes=CLASSES, depth=3)
+    model = module_class(network=network, lr=0.1, momentum=0.9, loss="cross_entropy",
+                         parametrization="mup", base_width=WIDTH // 2, **rule_settings)
+    if scramble_rng:  # a new process: nothing of the killed run's random state survives
+        torch.manual_seed(987654)
+    logger = CaptureLogger()
+    steps = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=1,
+                            save_top_k=-1)
+    epochs = ModelCheckpoint(dirpath=folder, filename="end-{epoch}", save_top_k=-1,
+                             save_on_train_epoch_end=True)
+    trainer = _trainer(max_epochs=3, logger=logger, callbacks=[steps, epochs],
+                       enable_checkpointing=True, limit_val_batches=None, log_every_n_steps=1)
+    trainer.fit(model, datamodule=_ShuffledData(), ckpt_path=ckpt_path)
+    return model, trainer, logger
+
+
+def _logged_after(logger: CaptureLogger, step: int) -> list:
+    return [(s, sorted(m.items())) for s, m in logger.metrics if s is not None and s >= step]
+
+
+@pytest.mark.parametrize("where", ["step=6.ckpt", "step=4.ckpt", "end-epoch=0.ckpt"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_resume_continues_exactly_as_the_uninterrupted_run(name, where, tmp_path):
+    """Mid-epoch (step 6 of 12), after an epoch's last batch (step 4) and at an epoch-end
+    checkpoint: the resumed run ends with the uninterrupted run's weights, optimizer state,
+    and logged metrics, with 0 difference [the uninterrupted run]."""
+    straight, straight_trainer, straight_log = _resumable_fit(name, tmp_path / "straight")
+    resumed, resumed_trainer, resumed_log = _resumable_fit(
+        name, tmp_path / "resumed", ckpt_path=tmp_path / "straight" / where, scramble_rng=True
+    )
+    assert resumed_trainer.global_step == straight_trainer.global_step == 12
+    for (key, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), key
+    ours = straight_trainer.optimizers[0].state_dict()
+    theirs = resumed_trainer.optimizers[0].state_dict()
+    for index, state in ours["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, theirs["state"][index][key]), (index, key)
+    resumed_from = min(s for s, _ in resumed_log.metrics if s is not None)
+    assert _logged_after(resumed_log, resumed_from) == _logged_after(straight_log, resumed_from)

@@ -1,8 +1,11 @@
 """What the data modules share: the data folder, a seeded validation split, standardization
 with training statistics, and in-memory tensor data sets with their loaders.
 
-Every data set here fits in memory, so a split is a :class:`~torch.utils.data.TensorDataset`
-and a loader is a plain :class:`~torch.utils.data.DataLoader` over it.
+Every data set here fits in memory, so a split is a :class:`~torch.utils.data.TensorDataset`.
+The training loader is a :class:`~lightning_local.data.resumable.ResumableDataLoader` (seeded
+order, position saved in checkpoints: a resumed run continues exactly); the others are plain
+:class:`~torch.utils.data.DataLoader` s in order. No loader draws from torch's global random
+state.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_local.data.resumable import ResumableDataLoader
 from lightning_local.errors import LocalLearningError
 
 DATA_DIR_ENV = "LIGHTNING_LOCAL_DATA"
@@ -145,16 +149,24 @@ class InMemoryDataModule(L.LightningDataModule):
                 f"{type(self).__name__} has no data yet. Fix: call .prepare_data() and "
                 ".setup() first (a Trainer does this for you)."
             )
+        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if shuffle:
+            trainer = self.trainer
+            replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+            return ResumableDataLoader(
+                dataset, self.batch_size, shuffle=True, seed=self.seed,
+                num_replicas=replicas, rank=rank, **workers,
+            )
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            dataset, batch_size=self.batch_size, shuffle=False,
+            generator=torch.Generator().manual_seed(self.seed), **workers,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of the training split."""
+        """Batches of the training split, reshuffled every epoch by a permutation seeded with
+        ``seed + epoch``; under DDP the ranks share each global batch (``N`` processes at
+        ``batch_size`` see one process's batches of ``N * batch_size``). Checkpoints store the
+        position, so a resumed run continues with the next batch."""
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -37,19 +37,22 @@ The wiring happens once, on fresh weights, before any optimizer or DDP wrapper: 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
 import os
 import sys
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from typing import IO, Any, ClassVar
 
 import lightning as L
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -58,12 +61,19 @@ from typing_extensions import Self
 
 from lightning_local.distributed import check_supported_strategy
 from lightning_local.errors import (
+    CheckpointError,
     LocalLearningError,
     NonFiniteEnergyError,
     UnsupportedNetworkError,
 )
 from lightning_local.models import WidthBuilder
 from lightning_local.modules.checkpoint import checkpoint_errors, install_atomic_checkpoints
+from lightning_local.modules.resume import (
+    check_identity,
+    random_state,
+    restore_random_state,
+    run_identity,
+)
 from lightning_local.modules.weight_averaging import check_weight_averaging
 from lightning_local.network import as_blocks, output_width
 from lightning_local.parametrization import Parametrization
@@ -204,6 +214,31 @@ def _first_nonfinite(network: nn.Module, *, gradients: bool) -> str | None:
     if bool(finite.all()):
         return None
     return named[int((~finite).nonzero()[0])][0]
+
+
+_LOADING: contextvars.ContextVar[str] = contextvars.ContextVar("loading", default="(loaded)")
+
+
+@contextlib.contextmanager
+def _loading(path: Any) -> Iterator[None]:
+    """Name the checkpoint being loaded, for the messages of ``on_load_checkpoint``."""
+    token = _LOADING.set(str(path))
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def _checkpoint_module(path: Any) -> str | None:
+    """The module class recorded in a local checkpoint file (None when unknown)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable: the caller's error stands
+        return None
+    identity = (checkpoint.get("lightning_local") or {}).get("identity") or {}
+    return identity.get("module")
 
 
 def _adapting(configure: Callable[..., Any]) -> Callable[..., Any]:
@@ -499,15 +534,25 @@ class LocalLearningModule(L.LightningModule):
         subclass build it in ``__init__``. Base shapes are attached to the fresh network before
         the weights are loaded in place, so ``p.infshape`` is intact and nothing is rescaled.
         """
-        with checkpoint_errors(checkpoint_path):
-            return super().load_from_checkpoint(
-                checkpoint_path,
-                map_location=map_location,
-                hparams_file=hparams_file,
-                strict=strict,
-                weights_only=weights_only,
-                **kwargs,
-            )
+        with checkpoint_errors(checkpoint_path), _loading(checkpoint_path):
+            try:
+                return super().load_from_checkpoint(
+                    checkpoint_path,
+                    map_location=map_location,
+                    hparams_file=hparams_file,
+                    strict=strict,
+                    weights_only=weights_only,
+                    **kwargs,
+                )
+            except LocalLearningError as error:
+                writer = _checkpoint_module(checkpoint_path)
+                if writer is None or writer == f"{cls.__module__}.{cls.__qualname__}":
+                    raise
+                raise CheckpointError(
+                    f"checkpoint '{checkpoint_path}' was written by {writer}, not by "
+                    f"{cls.__qualname__} ({error}). Fix: load it with "
+                    f"{writer.rsplit('.', 1)[-1]}.load_from_checkpoint(path)."
+                ) from error
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
@@ -528,6 +573,95 @@ class LocalLearningModule(L.LightningModule):
                 if name in shapes and not hasattr(p, "infshape"):
                     p.infshape = shapes[name]
         return result
+
+    def run_identity(self) -> dict[str, Any]:
+        """The run's muP identity, stored in every checkpoint and checked on load and resume:
+        module class, rule settings as trained (PC's ``gamma_L``), parametrization, optimizer
+        row, base width and base shapes (:mod:`lightning_local.modules.resume`)."""
+        settings = self.training_settings
+        return run_identity(
+            type(self), self.rule.hparams(), self.parametrization.hparams(),
+            settings.optimizer, settings.base_width, self.trained_network,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the run's identity, the random state and the step's bookkeeping (the
+        gradients of an unfinished accumulation window, the skipped-batch count, the epoch's
+        running training loss), so that a resumed run continues exactly."""
+        state: dict[str, Any] = {
+            "identity": self.run_identity(),
+            "random_state": random_state(),
+            "lr": self.training_settings.lr,
+            "skipped_batches": self.__dict__.get("_local_skipped", 0),
+            "epochs_ended": self.__dict__.get("_local_epochs_ended", 0),
+        }
+        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        if state["epochs_ended"] == epoch:  # mid-epoch: its running loss is part of the state
+            state["train_loss"] = {
+                name: value.detach().clone()
+                for name, value in self._ll_train_loss.metric_state.items()
+            }
+            state["train_loss_updates"] = self._ll_train_loss._update_count
+        if self.__dict__.get("_local_pending", 0):
+            state["accumulated_gradients"] = {
+                name: p.grad.detach().clone()
+                for name, p in self.trained_network.named_parameters() if p.grad is not None
+            }
+        checkpoint["lightning_local"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another run (:meth:`run_identity`); when the Trainer resumes
+        from it, keep its random state and bookkeeping for the first training batch.
+
+        Raises:
+            CheckpointError: the checkpoint's identity differs from this module's; the message
+                names each value in both.
+        """
+        state = checkpoint.get("lightning_local")
+        if state is None:  # written by 0.1.0
+            return
+        trainer = self._trainer
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        check_identity(state.get("identity"), self.run_identity(), path or _LOADING.get())
+        if trainer is not None and trainer.state.fn == "fit":
+            self.__dict__["_local_resume"] = state
+
+    def _continue_resumed_run(self, state: Mapping[str, Any]) -> None:
+        """Put back what the checkpoint kept for the next batch (see :meth:`on_save_checkpoint`);
+        a learning rate changed since the checkpoint scales every group's rate by new/old."""
+        restore_random_state(state["random_state"])
+        self.__dict__["_local_skipped"] = state.get("skipped_batches", 0)
+        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        if state.get("epochs_ended", epoch) < epoch:
+            # written after an epoch's last batch, before its end: Lightning resumes with the
+            # next epoch and skips that end, so do the rule's part of it (epoch schedulers)
+            self._step_schedulers("epoch", epoch=epoch - 1)
+        else:  # mid-epoch: the epoch's running training loss goes on
+            metric = self._ll_train_loss
+            for name, value in state.get("train_loss", {}).items():
+                setattr(metric, name, value.to(metric.device))
+            metric._update_count = state.get("train_loss_updates", 0)
+            metric._computed = None
+        self.__dict__["_local_epochs_ended"] = epoch
+        parameters = dict(self.trained_network.named_parameters())
+        for name, gradient in state.get("accumulated_gradients", {}).items():
+            parameters[name].grad = gradient.to(parameters[name].device)
+        saved_lr, lr = state.get("lr"), self.training_settings.lr
+        if saved_lr is not None and saved_lr != lr and self._trainer is not None:
+            ratio = lr / saved_lr
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] *= ratio
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= ratio
+            for config in self.trainer.lr_scheduler_configs:
+                if hasattr(config.scheduler, "base_lrs"):
+                    config.scheduler.base_lrs = [rate * ratio for rate in config.scheduler.base_lrs]
+            rank_zero_warn(
+                f"resuming with lr={lr:g} where the checkpoint trained with lr={saved_lr:g}: "
+                f"every parameter group's learning rate is scaled by {ratio:g} (muP's per-role "
+                "ratios are kept)."
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle with the base shapes beside the parameters, by name.
@@ -657,6 +791,7 @@ class LocalLearningModule(L.LightningModule):
         last = (batch_idx + 1) % k == 0 or self._last_batch_of_epoch()
         if first:
             optimizer.zero_grad(set_to_none=True)
+        self.__dict__["_local_pending"] = 0 if last else batch_idx % k + 1  # for checkpoints
         rule = self.rule
         self.__dict__["_local_stepped"] = True
         try:
@@ -733,6 +868,9 @@ class LocalLearningModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.__dict__["_local_stepped"] = False
+        resumed = self.__dict__.pop("_local_resume", None)
+        if resumed is not None:
+            self._continue_resumed_run(resumed)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Refuse a ``training_step`` of the user's that does not run the rule."""
@@ -745,6 +883,7 @@ class LocalLearningModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._step_schedulers("epoch")
+        self.__dict__["_local_epochs_ended"] = self.trainer.current_epoch + 1
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val", self._ll_val_loss, self._ll_val_acc)
@@ -796,15 +935,17 @@ class LocalLearningModule(L.LightningModule):
             accuracy.update(output, targets)
             self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
 
-    def _step_schedulers(self, interval: str) -> None:
-        """Step the schedulers of ``configure_optimizers`` (manual optimization does not)."""
+    def _step_schedulers(self, interval: str, epoch: int | None = None) -> None:
+        """Step the schedulers of ``configure_optimizers`` (manual optimization does not) at the
+        end of a step, or of the epoch ``epoch`` (default: the current one)."""
         trainer = self._trainer
         if trainer is None:
             return
+        epoch = trainer.current_epoch if epoch is None else epoch
         for config in trainer.lr_scheduler_configs:
             if config.interval != interval:
                 continue
-            count = trainer.global_step if interval == "step" else trainer.current_epoch + 1
+            count = trainer.global_step if interval == "step" else epoch + 1
             if count % config.frequency:
                 continue
             if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
