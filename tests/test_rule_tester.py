@@ -22,8 +22,8 @@ import copy
 import lightning as L
 import pytest
 import torch
-from torch import nn
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_local.modules as modules
