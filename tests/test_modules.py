@@ -577,12 +577,10 @@ def test_skip_nonfinite_batches_equals_training_without_them():
 
 @pytest.mark.parametrize("flag", [dict(accumulate_grad_batches=2), dict(gradient_clip_val=1.0)])
 def test_the_trainer_flags_are_refused_and_the_module_settings_replace_them(flag):
-    """Lightning refuses these Trainer flags under manual optimization (every rule needs it),
-    naming the flag; the module settings of the same name are the way (tested above and in
-    the rule tester)."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
+    """Lightning refuses these Trainer flags under manual optimization (every rule needs it);
+    the module refuses them first, naming the module setting of the same name that does it
+    (tested above and in the rule tester)."""
     (name,) = flag
-    with pytest.raises(MisconfigurationException, match=name):
+    with pytest.raises(LocalLearningError, match=rf"pass {name}=.* to BackpropModule"):
         _trainer(max_steps=1, **flag).fit(BackpropModule(network=_mlp()), _loader())
     assert name in BackpropModule.setting_names()

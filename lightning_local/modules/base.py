@@ -696,6 +696,34 @@ class LocalLearningModule(L.LightningModule):
             install_atomic_checkpoints(self._trainer.strategy)  # before any save or resume
         self.apply_parametrization()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """No callbacks of the module's own; refuses the Trainer flags that the manual
+        optimization every rule needs cannot take (Lightning checks them right after this
+        hook, with advice that does not apply here).
+
+        Raises:
+            LocalLearningError: ``Trainer(accumulate_grad_batches=k > 1)`` or
+                ``Trainer(gradient_clip_val=...)``, naming the module setting that does it.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return []
+        flags = {
+            "accumulate_grad_batches": trainer.accumulate_grad_batches
+            if trainer.accumulate_grad_batches != 1 else None,
+            "gradient_clip_val": trainer.gradient_clip_val or None,
+        }
+        for name, value in flags.items():
+            if value is not None:
+                raise LocalLearningError(
+                    f"Trainer({name}={value}) does not apply here: every rule runs its own "
+                    f"step (manual optimization), for which Lightning refuses this flag. Fix: "
+                    f"remove it from the Trainer and pass {name}={value} to "
+                    f"{type(self).__name__} (with gradient_clip_algorithm='norm' or 'value' "
+                    "for clipping); the module does it for every rule."
+                )
+        return []
+
     def on_train_start(self) -> None:
         """Refuse an optimizer that is not the run's (a kept ``configure_optimizers``, a CLI
         ``--optimizer``): under muP it lacks the per-role learning rates."""
