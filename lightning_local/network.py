@@ -17,6 +17,16 @@ activations all join the block before them). The grouped ``nn.Sequential`` wraps
 modules (parameters are shared, nothing is copied, the model is not modified) and is cached
 per model, so repeated calls return the same block objects; ``as_blocks(model,
 group_activations=False)`` takes every child as a block.
+
+A block gets one tensor and returns one tensor. Modules that cannot be called that way are
+refused when the view is built, wherever the network's own composition would call them (as a
+block, or as a step of an ``nn.Sequential`` block): modules returning tuples (``nn.LSTM``,
+``nn.GRU``, ``nn.RNN``, ``nn.LSTMCell``, poolings with ``return_indices=True``), modules
+taking several inputs (``nn.MultiheadAttention``, ``nn.Bilinear``, ``nn.Transformer`` and its
+decoder), and an ``nn.Embedding`` anywhere but at the network's input (it takes integer
+indices; every block output before it is a continuous tensor, and under predictive coding and
+target propagation a state that is inferred or given a target). Inside a module of the user's
+own (a wrapper whose ``forward`` returns one tensor) they are accepted.
 """
 
 from __future__ import annotations
@@ -52,6 +62,86 @@ _MODEL_CACHE = weakref.WeakKeyDictionary()
 # modules, also when the blocks come as a plain list.
 _GROUP_CACHE: weakref.WeakValueDictionary[tuple[int, ...], nn.Sequential]
 _GROUP_CACHE = weakref.WeakValueDictionary()
+
+
+_WRAP = (
+    "Fix: wrap it in a module of your own whose forward takes one tensor and returns one "
+    "tensor{example}; that module is then one block (backprop trains it whole; under PC/TP its "
+    "output is the block's state)."
+)
+
+
+def _call_problem(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be called as ``h = f(h)`` with one tensor in and out, or None."""
+    name = type(module).__name__
+    if isinstance(module, nn.MultiheadAttention):
+        return (
+            "it takes (query, key, value) and returns a tuple (output, attention weights), but "
+            "a block is called with one tensor and must return one. "
+            + _WRAP.format(example=", e.g. forward(x): return self.attention(x, x, x, "
+                           "need_weights=False)[0]; or use nn.TransformerEncoderLayer")
+        )
+    if isinstance(module, nn.RNNBase):
+        state = "(h_n, c_n)" if isinstance(module, nn.LSTM) else "h_n"
+        return (
+            f"it returns a tuple (output sequence, {state}), not one tensor, so the next block "
+            "or the rule would get a tuple. "
+            + _WRAP.format(example=f", e.g. forward(x): return self.{name.lower()}(x)[0] (the "
+                           "output sequence) or [0][:, -1] (the last step)")
+        )
+    if isinstance(module, nn.LSTMCell):
+        return "it returns a tuple (h, c), not one tensor. " + _WRAP.format(
+            example=", e.g. forward(x): return self.cell(x)[0]")
+    if isinstance(module, (nn.Bilinear, nn.Transformer, nn.TransformerDecoder,
+                           nn.TransformerDecoderLayer)):
+        inputs = "(input1, input2)" if isinstance(module, nn.Bilinear) else "(target, memory)"
+        return f"it takes two inputs {inputs}, but a block is called with one tensor. " + (
+            _WRAP.format(example=""))
+    if getattr(module, "return_indices", False) is True:
+        return (
+            "it was built with return_indices=True, so it returns a tuple (output, indices), "
+            "not one tensor. Fix: build it with return_indices=False."
+        )
+    return None
+
+
+def _steps(module: nn.Module, path: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``(path, module)`` for each module an ``nn.Sequential`` block calls one after the other
+    (nested ``nn.Sequential`` opened, in order); any other module is one step, not opened."""
+    module = compiled_original(module)
+    if isinstance(module, nn.Sequential):
+        for index, child in enumerate(module):
+            yield from _steps(child, f"{path}.{index}" if path else str(index))
+    else:
+        yield path, module
+
+
+def _check_blocks(blocks: Sequence[nn.Module]) -> None:
+    """Refuse modules the composition ``h_l = f_l(h_{l-1})`` cannot call (see module doc)."""
+    after: str | None = None  # the last module with parameters seen so far
+    for index, block in enumerate(blocks):
+        for path, step in _steps(block):
+            where = f"block {index}" + (f" (module {path} of the block)" if path else "")
+            name = type(step).__name__
+            problem = _call_problem(step)
+            if problem is not None:
+                raise UnsupportedNetworkError(f"{where} is an nn.{name}: {problem}")
+            if isinstance(step, nn.Embedding) and (index > 0 or after is not None):
+                before = f"after {after}" if after is not None else "after block 0"
+                raise UnsupportedNetworkError(
+                    f"{where} is an nn.{name}, {before}: an embedding takes integer indices, "
+                    "but what reaches it is a block output, a continuous tensor (under "
+                    "predictive coding and target propagation a state that is inferred or "
+                    "given a continuous target; under every rule the inputs are refused as "
+                    "integers unless block 0 takes them). Fix: make the embedding the first "
+                    "layer of block 0, so that the integer inputs go straight into it (group "
+                    "parameter-free steps such as nn.Flatten into block 0 with it: "
+                    "nn.Sequential(nn.Sequential(nn.Embedding(n, d), nn.Flatten(), nn.Tanh()), "
+                    "...)), or embed outside the network as preprocessing (in the data "
+                    "pipeline) and give the network float vectors."
+                )
+            if next(step.parameters(), None) is not None:
+                after = f"{name} (block {index}" + (f", module {path})" if path else ")")
 
 
 def _is_activation(module: object) -> bool:
@@ -119,8 +209,11 @@ def as_blocks(
 
     Raises:
         UnsupportedNetworkError: when the model exposes no ordered blocks, starts with a
-            stand-alone activation (when grouping), or has fewer than two blocks (after
-            grouping; a local rule needs at least one hidden state between input and readout).
+            stand-alone activation (when grouping), has fewer than two blocks (after
+            grouping; a local rule needs at least one hidden state between input and readout),
+            or a block (or a step of an ``nn.Sequential`` block) cannot be called with one
+            tensor and return one (``nn.LSTM``, ``nn.MultiheadAttention``, ...), or is an
+            ``nn.Embedding`` that is not the network's first layer.
     """
     model = compiled_original(model)
     if isinstance(model, nn.Sequential):
@@ -144,6 +237,7 @@ def as_blocks(
         blocks = _cached_grouping(model, children)
     else:
         blocks = children
+        _check_blocks(blocks)
     if len(blocks) < 2:
         raise UnsupportedNetworkError(
             f"the network has {len(blocks)} block(s); local rules need at least two (a hidden "
@@ -167,6 +261,7 @@ def _cached_grouping(
                     block.training = block[0].training
             return list(cached[1])
     blocks = _grouped(children)
+    _check_blocks(blocks)  # once per model and set of children: cached only when accepted
     if cacheable:
         _MODEL_CACHE[model] = (ids, tuple(blocks))
     return blocks

@@ -17,6 +17,7 @@ in :class:`TrainingSettings` (the Lightning modules' and the sweep's arguments d
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,6 +35,8 @@ from lightning_local.parametrization import (
     has_base_shapes,
     set_base_shapes,
 )
+from lightning_local.parametrization.base_shapes import check_not_rescaled_by_mup
+from lightning_local.parametrization.roles import check_data_dims
 from lightning_local.rules import get_rule_class
 from lightning_local.rules.base import LocalRule, RuleSettings, setting
 
@@ -124,29 +127,43 @@ class TrainingSettings(RuleSettings):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise LocalLearningError(f"lr must be a finite positive number, got {self.lr!r}. "
                                      "Fix: e.g. lr=0.1.")
-        for name in ("momentum", "weight_decay"):
+        for name, example in (("momentum", "0.9"), ("weight_decay", "1e-4")):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise LocalLearningError(f"{name} must be finite and >= 0, got {value!r}.")
-        if int(self.base_width) < 1:
-            raise LocalLearningError(f"base_width must be >= 1, got {self.base_width!r}.")
+            if isinstance(value, bool) or not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+            ):
+                raise LocalLearningError(
+                    f"{name} must be a finite number >= 0, got {value!r}. Fix: e.g. "
+                    f"{name}={example}, or 0 for none."
+                )
+        base_width = self.base_width
+        whole = isinstance(base_width, numbers.Integral) or (
+            isinstance(base_width, float) and base_width.is_integer()
+        )
+        if isinstance(base_width, bool) or not whole or base_width < 1:
+            raise LocalLearningError(
+                f"base_width must be a whole number >= 1, got {base_width!r}. Fix: e.g. "
+                "base_width=64 (M_base: the width at which muP equals SP)."
+            )
         object.__setattr__(self, "loss", get_loss(self.loss).name)
         k = self.accumulate_grad_batches
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise LocalLearningError(
-                f"accumulate_grad_batches must be a whole number >= 1, got {k!r}."
+                f"accumulate_grad_batches must be a whole number >= 1, got {k!r}. Fix: e.g. "
+                "accumulate_grad_batches=4, or 1 to step every batch."
             )
         clip = self.gradient_clip_val
         if clip is not None and not (
             isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0
         ):
             raise LocalLearningError(
-                f"gradient_clip_val must be a finite positive number or None, got {clip!r}."
+                f"gradient_clip_val must be a finite positive number or None, got {clip!r}. "
+                "Fix: e.g. gradient_clip_val=1.0, or None for no clipping."
             )
         if self.gradient_clip_algorithm not in ("norm", "value"):
             raise LocalLearningError(
                 f"gradient_clip_algorithm must be 'norm' or 'value', got "
-                f"{self.gradient_clip_algorithm!r}."
+                f"{self.gradient_clip_algorithm!r}. Fix: gradient_clip_algorithm='norm'."
             )
         for name in ("output_weight_exponent", "lr", "momentum", "weight_decay"):
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -188,20 +205,39 @@ class WiredRun:
         rule: the rule with its width-scaled settings (PC: ``gamma_L``).
         parametrization: SP or muP.
         optimizer_name: the optimizer row of the tables the init was rescaled for.
+        init_width_mult: under muP, the ``m`` the init was rescaled for; the optimizer
+            builders refuse base shapes that changed since (``None``: not checked).
     """
 
     network: nn.Module
     rule: LocalRule
     parametrization: Parametrization
     optimizer_name: str = "sgd"
+    init_width_mult: float | None = None
 
     @property
     def width_mult(self) -> float:
         """``m = M / M_base`` (1 under SP without base shapes)."""
         return self.parametrization.width_mult(self.network)
 
+    def _check_width_mult(self) -> None:
+        """Refuse base shapes re-attached with another ``m`` after the init was rescaled."""
+        if self.init_width_mult is None:
+            return
+        now = self.width_mult
+        if not math.isclose(now, self.init_width_mult, rel_tol=1e-9):
+            raise LocalLearningError(
+                f"the base shapes changed after wiring: the init was rescaled for the width "
+                f"multiplier m = {self.init_width_mult:g}, but the network's p.infshape now give "
+                f"m = {now:g} (set_base_shapes or mup.set_base_shapes called again with other "
+                "base shapes), so the learning rates would follow the new m and the init the "
+                "old one. Fix: attach base shapes once, before wiring (or let the wiring attach "
+                "them), or build the network afresh and wire it again."
+            )
+
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Per-role ``torch.optim`` groups: ``lr_r = lr m^{-c_r}``, each tagged with its role."""
+        self._check_width_mult()
         return self.parametrization.param_groups(
             self.network, lr, self.rule, self.optimizer_name, weight_decay
         )
@@ -222,6 +258,7 @@ class WiredRun:
                 another init than the one the run was rescaled for.
         """
         table = optimizer_table(optimizer_class)
+        self._check_width_mult()
         wired = self.parametrization.exponents(self.rule, self.optimizer_name)
         wanted = self.parametrization.exponents(self.rule, table)
         if any(wired[role].init != wanted[role].init for role in wired):
@@ -269,6 +306,7 @@ class WiredRun:
         self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
     ) -> torch.optim.Optimizer:
         """A plain ``torch.optim.SGD``/``Adam``/``AdamW`` over :meth:`param_groups`."""
+        self._check_width_mult()
         return self.parametrization.build_optimizer(
             self.network, lr, rule=self.rule, optimizer=self.optimizer_name, momentum=momentum,
             weight_decay=weight_decay,
@@ -307,17 +345,30 @@ def wire(
 
     Raises:
         MissingBaseShapesError: muP and no way to get base shapes.
+        UnsupportedNetworkError: a network the rules cannot read (see
+            :func:`~lightning_local.network.as_blocks`).
+        UnclassifiableParameterError: muP with base shapes that make the input layer's fan-in
+            or the readout's fan-out a width (a base network with another input size or
+            number of classes), or that fit no role.
+        LocalLearningError: a network whose layers ``mup.set_base_shapes`` already rescaled
+            (its default ``rescale_params=True``).
     """
     param = make_parametrization(parametrization, output_weight_exponent)
     optimizer = check_optimizer(optimizer)
     as_blocks(network)  # fail early on a network the rules cannot read
+    check_not_rescaled_by_mup(network)
     prepared = rule.prepare_network(network, input_shape)
     if param.requires_base_shapes and not has_base_shapes(prepared):
         _attach_base_shapes(prepared, rule, base_width, base_shapes, width_factory, input_shape)
+    if param.requires_base_shapes:  # also shapes the user attached (e.g. with mup itself)
+        check_data_dims(prepared, source="the base shapes attached to the network (p.infshape)")
     param.initialize(prepared, rule, optimizer)
     if zero_readout:
         _zero_readout(prepared)
-    return WiredRun(prepared, rule.width_scaled(param, prepared), param, optimizer)
+    init_width_mult = param.width_mult(prepared) if param.requires_base_shapes else None
+    return WiredRun(
+        prepared, rule.width_scaled(param, prepared), param, optimizer, init_width_mult
+    )
 
 
 def _attach_base_shapes(

@@ -90,3 +90,52 @@ def test_zero_inference_steps_is_refused():
     # the reference: with 0 steps only the readout would learn (hidden errors stay 0)
     with pytest.raises(LocalLearningError, match=">= 1"):
         PredictiveCoding(inference_steps=0)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("make, x, block", [
+    (lambda: nn.Sequential(nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 3)),
+     torch.randn(4, 5, 6), "block 0 is an nn.LSTM"),
+    (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.MultiheadAttention(8, 2),
+                           nn.Linear(8, 3)), X, "block 1 is an nn.MultiheadAttention"),
+    (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Embedding(8, 8), nn.Linear(8, 3)),
+     X, "block 1 is an nn.Embedding"),
+], ids=["lstm", "attention", "embedding-after-a-layer"])
+def test_blocks_the_rules_cannot_call_are_refused_naming_block_and_fix(name, make, x, block):
+    network = make()
+    with pytest.raises((TypeError, RuntimeError, AttributeError)):
+        network(x)  # the reference: torch's error names neither the block nor a fix
+    with pytest.raises(UnsupportedNetworkError, match="Fix:") as info:
+        _run(name, network, x, Y)
+    assert block in str(info.value)
+
+
+def test_an_embedding_at_the_input_trains_under_backprop():
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Tanh()),
+                            nn.Linear(20, 3))
+    tokens = torch.randint(0, 10, (8, 5))
+    labels = torch.randint(0, 3, (8,))
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.5)
+    before = network[0][0].weight.detach().clone()
+    losses = [float(Backprop().step(network, tokens, labels, optimizer).loss) for _ in range(5)]
+    assert losses[-1] < losses[0] and not torch.equal(network[0][0].weight, before)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(weight_decay=-1.0), r"weight_decay must be a finite number >= 0, got -1.0\. Fix:"),
+    (dict(momentum=float("nan")), r"momentum must be a finite number >= 0, got nan\. Fix:"),
+    (dict(lr=float("nan")), r"lr must be a finite positive number, got nan\. Fix:"),
+    (dict(base_width=0), r"base_width must be a whole number >= 1, got 0\. Fix:"),
+    (dict(base_width=2.5), r"got 2.5\. Fix:"),
+    (dict(accumulate_grad_batches=0), r"accumulate_grad_batches .* got 0\. Fix:"),
+    (dict(gradient_clip_val=-1.0), r"gradient_clip_val .* got -1.0\. Fix:"),
+    (dict(gradient_clip_algorithm="max"), r"got 'max'\. Fix:"),
+], ids=["weight_decay", "momentum", "lr", "base_width", "base_width-float", "accumulate",
+        "clip", "clip-algorithm"])
+def test_bad_training_settings_name_the_value_and_the_fix(settings, match):
+    from lightning_local.wiring import TrainingSettings
+
+    with pytest.raises(LocalLearningError, match=match):
+        TrainingSettings(**settings)
+    assert TrainingSettings(base_width=32.0).base_width == 32  # a whole float is a width

@@ -10,11 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_local.errors import CheckpointError, MissingBaseShapesError, ShapeMismatchError
+from lightning_local.errors import (
+    CheckpointError,
+    LocalLearningError,
+    MissingBaseShapesError,
+    ShapeMismatchError,
+    UnclassifiableParameterError,
+)
 from lightning_local.models import MLP
 from lightning_local.parametrization import (
     MuP,
     base_shapes_from_builder,
+    classify_parameters,
     has_base_shapes,
     load_base_shapes,
     reattach_base_shapes,
@@ -186,3 +193,116 @@ def test_data_parallel_wrapper_is_unwrapped():
     assert has_base_shapes(wrapped)
     assert [g["role"] for g in MuP().param_groups(wrapped, 0.1)] == [
         "input", "hidden", "output", "vector", "scalar"]
+
+
+# --------------------------------------------- base shapes from a network of other data sizes
+def _roles(model):
+    return {item.name: item.role for item in classify_parameters(model)}
+
+
+@pytest.mark.parametrize("base, delta, layer, sizes", [
+    (MLP(in_features=20, width=64), None, "input layer '0.0'", "40 in the model, 20 in the base"),
+    (MLP(in_features=20, width=64), MLP(in_features=40, width=128), "input layer '0.0'",
+     "40 in the model, 20 in the base"),
+    (MLP(num_classes=5, width=64), None, "readout '2'", "10 in the model, 5 in the base"),
+], ids=["input-no-delta", "input-delta", "classes"])
+def test_base_network_with_other_data_sizes_is_refused(base, delta, layer, sizes):
+    # the reference: mup classes the layer as hidden, silently (wrong init and learning rate)
+    reference = MLP(width=128)
+    mup.set_base_shapes(reference, base, delta=delta, rescale_params=False, do_assert=False)
+    assert "hidden" in {_roles(reference)["0.0.weight"], _roles(reference)["2.weight"]}
+    with pytest.raises(UnclassifiableParameterError, match="Fix: build the base") as info:
+        set_base_shapes(MLP(width=128), base, delta)
+    assert layer in str(info.value) and sizes in str(info.value)
+    assert not has_base_shapes(MLP(width=128))
+
+
+def test_user_attached_shapes_of_another_input_size_are_refused_when_wired():
+    from lightning_local.rules import Backprop
+    from lightning_local.wiring import wire
+
+    model = MLP(width=128)
+    mup.set_base_shapes(model, MLP(in_features=20, width=64), rescale_params=False,
+                        do_assert=False)
+    with pytest.raises(UnclassifiableParameterError, match=r"p\.infshape.*input layer '0\.0'"):
+        wire(model, Backprop(), "mup")
+    wire(model, Backprop(), "sp")  # SP does not use the shapes
+
+
+def test_only_data_dims_are_checked():
+    # a base network of another input size whose delta agrees with it: the dim is finite
+    # (not a width) and the input layer keeps its role
+    model = set_base_shapes(MLP(width=128), MLP(in_features=20, width=64),
+                            MLP(in_features=20, width=96))
+    assert _roles(model)["0.0.weight"] == "input" and _roles(model)["2.weight"] == "output"
+
+    def embedded(width):  # the layer after an embedding into the width is hidden, rightly
+        return nn.Sequential(nn.Sequential(nn.Embedding(10, width), nn.Linear(width, width)),
+                             nn.Linear(width, 3))
+
+    set_base_shapes(embedded(128), embedded(64), embedded(96))
+
+
+def test_image_size_differences_name_the_dims_that_do_not_scale_together():
+    from lightning_local.models import CNN
+
+    model = set_base_shapes(CNN(image_size=28, width=16), CNN(image_size=32, width=8),
+                            CNN(image_size=32, width=12))
+    expected = r"dim 1 of '2\.1\.weight' \(512 in the base -> 784\)"
+    with pytest.raises(UnclassifiableParameterError, match=expected) as info:
+        MuP().width_mult(model)
+    assert "image size" in str(info.value) and "Fix:" in str(info.value)
+
+
+# ------------------------------------------------------------ attaching again, and mup's rescale
+def _plain(width, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Sequential(nn.Linear(6, width), nn.Tanh()),
+                         nn.Sequential(nn.Linear(width, width), nn.Tanh()), nn.Linear(width, 3))
+
+
+def test_mup_rescaled_network_is_refused_when_wired():
+    from lightning_local.modules import PredictiveCodingModule
+    from lightning_local.rules import PredictiveCoding
+    from lightning_local.wiring import wire
+
+    fresh = _plain(64)
+    model = mup.set_base_shapes(_plain(64), _plain(16), delta=_plain(32), do_assert=False)
+    # the reference: mup's default rescale changed the (non-zero) biases
+    assert not torch.equal(model[1][0].bias, fresh[1][0].bias)
+    for make in (lambda: wire(model, PredictiveCoding(), "mup"),
+                 lambda: PredictiveCodingModule(model, parametrization="mup")):
+        with pytest.raises(LocalLearningError, match=r"\['1\.0', '2'\] were rescaled by "
+                                                     r"mup\.set_base_shapes.*rescale_params=False"):
+            make()
+    # without the rescale mup only attaches shapes: accepted, like ours
+    attached = mup.set_base_shapes(_plain(64), _plain(16), delta=_plain(32),
+                                   rescale_params=False, do_assert=False)
+    assert wire(attached, PredictiveCoding(), "mup").width_mult == 4.0
+    # the builders' zero biases are unchanged by mup's rescale: nothing to refuse
+    zero_biases = mup.set_base_shapes(MLP(width=64), MLP(width=16), delta=MLP(width=32),
+                                      do_assert=False)
+    assert wire(zero_biases, PredictiveCoding(), "mup").width_mult == 4.0
+
+
+def test_attaching_again_is_harmless_until_the_init_was_rescaled_for_other_shapes():
+    from lightning_local.rules import PredictiveCoding
+    from lightning_local.wiring import wire
+
+    model = set_base_shapes(_plain(64), _plain(32), _plain(16))
+    set_base_shapes(model, _plain(16), _plain(32))  # before the init rescale: may change
+    run = wire(model, PredictiveCoding(), "mup")
+    weights = [p.detach().clone() for p in model.parameters()]
+    set_base_shapes(model, _plain(16), _plain(32))  # the same shapes again: harmless
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert run.width_mult == 4.0 and run.param_groups(0.1)
+    with pytest.raises(LocalLearningError, match=r"already rescaled .*base \[32, None\], was "
+                                                 r"\[16, None\].*Fix: build the network afresh"):
+        set_base_shapes(model, _plain(32), _plain(16))
+    assert run.width_mult == 4.0  # refused before anything was attached
+    # mup's own function cannot be stopped; the optimizer built from the wired run then is
+    mup.set_base_shapes(model, _plain(32), delta=_plain(16), rescale_params=False,
+                        do_assert=False)
+    with pytest.raises(LocalLearningError, match=r"rescaled for the width multiplier m = 4, "
+                                                 r"but the network's p\.infshape now give m = 2"):
+        run.make_optimizer(torch.optim.SGD, lr=0.1)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import random
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -380,6 +382,63 @@ def test_missing_files_give_a_clear_error(tmp_path, module, expected):
     )
     with pytest.raises(DatasetNotFoundError):
         dm.setup("fit")
+
+
+def _idx_bytes(array: np.ndarray, ndim: int | None = None) -> bytes:
+    ndim = array.ndim if ndim is None else ndim
+    header = struct.pack(">BBBB", 0, 0, 0x08, ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+_IMAGES, _LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    (_IMAGES, lambda data: data[: len(data) // 2], "it is truncated"),
+    (_IMAGES, lambda data: data[:10], "fewer than its 16-byte idx header"),
+    (_LABELS, lambda data: b"", "starts with nothing, 0 bytes"),
+    (_LABELS, lambda data: b"<html>Not Found</html>", "it is not an idx file of labels"),
+    (_IMAGES, lambda data: data + b"\0\0", "longer than its header says"),
+    (_LABELS, lambda data: _idx_bytes(np.zeros((20, 28, 28))), "the images and labels files"),
+    (_IMAGES, lambda data: _idx_bytes(np.zeros((20, 32, 32))), "of shape (32, 32)"),
+    (_LABELS, lambda data: _idx_bytes(np.zeros(7)), "holds 7 labels, but"),
+    (_LABELS, lambda data: _idx_bytes(np.full(20, 200)), "the label 200"),
+    (_IMAGES, lambda data: gzip.compress(data), "gzip-compressed"),
+], ids=["half", "header", "empty", "html", "extra-bytes", "swapped", "image-size", "counts",
+        "label-range", "gzip"])
+def test_corrupt_fashion_mnist_file_is_named_with_the_fix(tmp_path, name, content, problem):
+    _fake_fashion_mnist(tmp_path)
+    path = tmp_path / "FashionMNIST" / "raw" / name
+    path.write_bytes(content(path.read_bytes()))
+    dm = FashionMNISTDataModule(tmp_path)
+    dm.prepare_data()  # the four files are there
+    with pytest.raises(DatasetNotFoundError) as caught:
+        dm.setup("fit")
+    message = str(caught.value)
+    assert f"'{path}' is corrupt" in message and problem in message
+    assert "never downloads" in message and "download=True" in message
+    assert "delete it and put a fresh copy in its place" in message
+
+
+def test_garbled_idx_file_was_a_bare_assertion_in_torchvision(tmp_path):
+    """The issue's case: torchvision's reader raises AssertionError without a message."""
+    import torchvision.datasets.mnist as tv_mnist
+
+    _fake_fashion_mnist(tmp_path)
+    path = tmp_path / "FashionMNIST" / "raw" / _LABELS
+    path.write_bytes(b"garbled bytes, not idx")
+    with pytest.raises(AssertionError):
+        tv_mnist.read_label_file(str(path))
+    with pytest.raises(DatasetNotFoundError, match=f"'{re.escape(str(path))}' is corrupt"):
+        FashionMNISTDataModule(tmp_path).setup("fit")
+
+
+def test_cifar10_checksum_failure_names_the_files(tmp_path):
+    _fake_cifar10(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="md5 checksum") as caught:
+        CIFAR10DataModule(tmp_path).setup("fit")
+    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in str(caught.value)
+    assert "never downloads" in str(caught.value) and "delete the corrupt" in str(caught.value)
 
 
 def test_gzipped_fashion_mnist_files_get_a_decompress_hint(tmp_path):

@@ -279,3 +279,99 @@ def test_a_compiled_width_builder_gets_mup_base_shapes():
         assert [d.width_mult() for d in q.infshape] == [d.width_mult() for d in p.infshape]
     groups = [(g["role"], g["lr"]) for g in compiled.configure_optimizers().param_groups]
     assert groups == [(g["role"], g["lr"]) for g in plain.configure_optimizers().param_groups]
+
+
+# ------------------------------------------------ modules a block cannot be (refused in the view)
+class _LastStep(nn.Module):
+    """The fix the errors suggest: an LSTM wrapped to return one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 8, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0][:, -1]
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(x, x, x, need_weights=False)[0].mean(1)
+
+
+@pytest.mark.parametrize("make, where, what", [
+    (lambda: nn.Sequential(nn.LSTM(3, 8, batch_first=True), nn.Linear(8, 2)),
+     "block 0 is an nn.LSTM", "returns a tuple"),
+    (lambda: nn.Sequential(nn.Sequential(nn.GRU(3, 8, batch_first=True), nn.Flatten()),
+                           nn.Linear(8, 2)),
+     "block 0 (module 0 of the block) is an nn.GRU", "returns a tuple"),
+    (lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.MultiheadAttention(8, 2),
+                           nn.Linear(8, 2)),
+     "block 1 is an nn.MultiheadAttention", "takes (query, key, value)"),
+    (lambda: nn.Sequential(nn.Sequential(nn.Linear(3, 8), nn.Sequential(nn.LSTMCell(8, 8))),
+                           nn.Linear(8, 2)),
+     "block 0 (module 1.0 of the block) is an nn.LSTMCell", "returns a tuple (h, c)"),
+    (lambda: nn.Sequential(nn.Bilinear(3, 3, 8), nn.Linear(8, 2)),
+     "block 0 is an nn.Bilinear", "two inputs"),
+    (lambda: nn.Sequential(nn.Sequential(nn.Conv1d(1, 2, 3), nn.MaxPool1d(2, return_indices=True)),
+                           nn.Linear(2, 2)),
+     "block 0 (module 1 of the block) is an nn.MaxPool1d", "return_indices=False"),
+], ids=["lstm", "gru-in-sequential", "mha", "lstmcell-nested", "bilinear", "pool-indices"])
+def test_modules_that_are_not_one_tensor_in_one_out_are_refused_in_the_view(make, where, what):
+    network = make()
+    with pytest.raises(UnsupportedNetworkError, match="Fix:") as info:
+        as_blocks(network)
+    assert where in str(info.value) and what in str(info.value)
+    with pytest.raises(UnsupportedNetworkError):
+        as_blocks(network)  # a refused network is not cached as accepted
+    with pytest.raises(UnsupportedNetworkError):
+        as_blocks(network, group_activations=False)
+
+
+def test_the_suggested_wrappers_are_blocks():
+    recurrent = nn.Sequential(_LastStep(), nn.Sequential(nn.Linear(8, 8), nn.Tanh()),
+                              nn.Linear(8, 2))
+    assert len(as_blocks(recurrent)) == 3
+    assert feedforward(as_blocks(recurrent), torch.randn(4, 5, 3))[-1].shape == (4, 2)
+    attention = nn.Sequential(_SelfAttention(), nn.Linear(8, 2))
+    assert feedforward(as_blocks(attention), torch.randn(4, 5, 8))[-1].shape == (4, 2)
+
+
+def _embedding_first():
+    return nn.Sequential(nn.Sequential(nn.Flatten(), nn.Embedding(10, 4), nn.Flatten()),
+                         nn.Linear(20, 2))
+
+
+def test_an_embedding_is_accepted_only_where_the_integer_inputs_reach_it():
+    assert len(as_blocks(_embedding_first())) == 2  # after parameter-free steps of block 0
+    assert len(as_blocks(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(20, 2)))) == 3
+    later = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Embedding(8, 4), nn.Linear(4, 2))
+    # the reference: torch's own error names no block and no fix
+    with pytest.raises(RuntimeError, match="indices"):
+        later(torch.randn(2, 3))
+    with pytest.raises(UnsupportedNetworkError, match=r"block 1 is an nn.Embedding, after "
+                                                      r"Linear \(block 0, module 0\)") as info:
+        as_blocks(later)
+    assert "integer indices" in str(info.value) and "first layer of block 0" in str(info.value)
+    in_block = nn.Sequential(nn.Sequential(nn.Linear(3, 8), nn.Embedding(8, 4)), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedNetworkError, match=r"block 0 \(module 1 of the block\)"):
+        as_blocks(in_block)
+    after_free_block = nn.Sequential(nn.Flatten(), nn.Embedding(10, 4), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedNetworkError, match="block 1 is an nn.Embedding, after block 0"):
+        as_blocks(after_free_block)  # block 1's input is a state under PC/TP
+
+
+def test_a_wrapper_of_the_users_own_is_not_opened():
+    class Tokens(nn.Module):  # takes floats, embeds their rounded values: its own business
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(10, 4)
+
+        def forward(self, h):
+            return self.embedding(h.clamp(0, 9).long()).flatten(1)
+
+    network = nn.Sequential(nn.Linear(3, 5), Tokens(), nn.Linear(20, 2))
+    assert len(as_blocks(network)) == 3

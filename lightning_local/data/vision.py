@@ -2,7 +2,10 @@
 
 Both are read by torchvision with ``download=False``: this library never downloads. When the
 files are absent, :class:`~lightning_local.errors.DatasetNotFoundError` names the expected
-layout and how to fetch the files on a machine with network access.
+layout and how to fetch the files on a machine with network access; when a file is corrupt
+(truncated, garbled, not the expected data: FashionMNIST's idx headers, sizes and labels are
+checked here, CIFAR-10's md5 sums by torchvision), the same error names the file and says to
+replace it.
 
 Pixels are scaled to ``[0, 1]`` and, with ``standardize``, normalized per channel with the
 training split's statistics, ``x_c <- (x_c - mu_c) / sigma_c`` (the usual
@@ -13,7 +16,9 @@ In memory the float32 inputs take about 190 MB (FashionMNIST) and 740 MB (CIFAR-
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -65,6 +70,14 @@ class _VisionDataModule(InMemoryDataModule):
         """uint8 images ``(N, C, H, W)`` and int64 labels through torchvision."""
         raise NotImplementedError
 
+    def _check_contents(self) -> None:
+        """Raise the error of :meth:`_corrupt` for a file that cannot hold the data set (checked
+        before torchvision reads the files; nothing to check by default)."""
+
+    def _corrupt_files(self) -> list[str]:
+        """After torchvision failed to read the files: those it would reject, if known."""
+        return []
+
     # --- shared ---------------------------------------------------------------------------
     def _check_files(self) -> None:
         missing = [name for name in self._expected_files() if not (self.data_dir / name).is_file()]
@@ -90,15 +103,40 @@ class _VisionDataModule(InMemoryDataModule):
         """Check that the files are present (nothing is downloaded)."""
         self._check_files()
 
+    def _corrupt(self, name: str, problem: str, fix: str = "") -> DatasetNotFoundError:
+        """The error for the corrupt file ``name`` (relative to ``data_dir``)."""
+        return DatasetNotFoundError(
+            f"{type(self).__name__}: the file '{self.data_dir / name}' is corrupt: {problem}. "
+            f"This library never downloads. Fix: {fix}delete it and put a fresh copy in its "
+            f"place: {self._how_to_get()} Then pass data_dir=<folder> (or set "
+            f"${DATA_DIR_ENV}) pointing at the folder that contains it."
+        )
+
     def _load_splits(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         self._check_files()
+        self._check_contents()
         try:
             (x_train, y_train), (x_test, y_test) = self._read(True), self._read(False)
-        except (RuntimeError, ValueError, TypeError, EOFError, OSError) as error:
+        except DatasetNotFoundError:
+            raise
+        except (
+            RuntimeError, ValueError, TypeError, EOFError, OSError, AssertionError, IndexError,
+        ) as error:
+            corrupt = [str(self.data_dir / name) for name in self._corrupt_files()]
+            if corrupt:
+                problem = (
+                    f"the file(s) {corrupt} fail torchvision's md5 checksum: they are corrupt "
+                    "or truncated"
+                )
+            else:
+                problem = (
+                    f"torchvision could not read the files under '{self.data_dir}' "
+                    f"({type(error).__name__}: {error or 'no message'}): they are corrupt or "
+                    "truncated"
+                )
             raise DatasetNotFoundError(
-                f"{type(self).__name__}: the files under '{self.data_dir}' exist but torchvision "
-                f"could not read them ({error}); they are corrupt, truncated or fail "
-                f"torchvision's checksum. Fix: {self._how_to_get()}"
+                f"{type(self).__name__}: {problem}. This library never downloads. Fix: delete "
+                f"the corrupt file(s) and put fresh copies in their place: {self._how_to_get()}"
             ) from error
         return (x_train.float().div_(255), y_train), (x_test.float().div_(255), y_test)
 
@@ -126,6 +164,70 @@ class FashionMNISTDataModule(_VisionDataModule):
         raw = Path("FashionMNIST", "raw")
         return [str(raw / os.path.splitext(name)[0]) for name, _ in FashionMNIST.resources]
 
+    def _split_files(self, train: bool) -> tuple[str, str]:
+        """The images and labels files of a split, relative to ``data_dir``."""
+        prefix = "train" if train else "t10k"
+        raw = Path("FashionMNIST", "raw")
+        return str(raw / f"{prefix}-images-idx3-ubyte"), str(raw / f"{prefix}-labels-idx1-ubyte")
+
+    def _idx_count(self, name: str, sample_shape: tuple[int, ...]) -> int:
+        """The number of samples in the idx file ``name`` (uint8 samples of ``sample_shape``),
+        after checking its header against its size; raises the error of :meth:`_corrupt`."""
+        path = self.data_dir / name
+        ndim = 1 + len(sample_shape)
+        header_size = 4 + 4 * ndim
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            header = file.read(header_size)
+        kind = "images" if sample_shape else "labels"
+        if header[:2] == b"\x1f\x8b":
+            raise self._corrupt(
+                name, "it is gzip-compressed (a .gz download saved under the uncompressed name)",
+                f"rename it to {path.name}.gz and decompress it in place (`gunzip -k "
+                f"{path.name}.gz`), or ",
+            )
+        if len(header) < 4 or header[:3] != b"\x00\x00\x08":
+            raise self._corrupt(
+                name, f"it does not start with the idx magic number of unsigned-byte data "
+                f"(00 00 08 0{ndim}; it starts with {header[:4].hex(' ') or 'nothing'}, "
+                f"{size} bytes in all): it is not an idx file of {kind} (an HTML error page, "
+                "a partial copy, ...)"
+            )
+        if header[3] != ndim:
+            raise self._corrupt(
+                name, f"it holds {header[3]}-d data, but {kind} are {ndim}-d idx data "
+                "(the images and labels files may be swapped)"
+            )
+        if len(header) < header_size:
+            raise self._corrupt(name, f"it has {size} bytes, fewer than its {header_size}-byte "
+                                "idx header: it is truncated")
+        dims = struct.unpack(f">{ndim}I", header[4:])
+        if tuple(dims[1:]) != sample_shape:
+            raise self._corrupt(
+                name, f"it holds {kind} of shape {tuple(dims[1:])}, but FashionMNIST's are "
+                f"{sample_shape}: it is another data set's file"
+            )
+        expected = header_size + math.prod(dims)
+        if size != expected:
+            state = "truncated" if size < expected else "longer than its header says"
+            raise self._corrupt(
+                name, f"its header announces {dims[0]} {kind} ({expected} bytes with the "
+                f"header), but it has {size} bytes: it is {state}"
+            )
+        return dims[0]
+
+    def _check_contents(self) -> None:
+        shape = (self.image_size, self.image_size)
+        for train in (True, False):
+            images, labels = self._split_files(train)
+            n_images, n_labels = self._idx_count(images, shape), self._idx_count(labels, ())
+            if n_images != n_labels:
+                raise self._corrupt(
+                    labels, f"it holds {n_labels} labels, but '{self.data_dir / images}' "
+                    f"holds {n_images} images (the files come from different downloads or "
+                    "one of them is a partial copy)"
+                )
+
     def _how_to_get(self) -> str:
         return (
             'on a machine with network access run `python -c "from torchvision.datasets '
@@ -137,7 +239,13 @@ class FashionMNISTDataModule(_VisionDataModule):
         from torchvision.datasets import FashionMNIST
 
         dataset = FashionMNIST(str(self.data_dir), train=train, download=False)
-        return dataset.data.unsqueeze(1), dataset.targets.long()
+        labels = dataset.targets.long()
+        if labels.numel() and int(labels.max()) >= self.num_classes:
+            raise self._corrupt(
+                self._split_files(train)[1], f"it holds the label {int(labels.max())}, but "
+                f"FashionMNIST has {self.num_classes} classes (0 to {self.num_classes - 1})"
+            )
+        return dataset.data.unsqueeze(1), labels
 
 
 class CIFAR10DataModule(_VisionDataModule):
@@ -167,6 +275,18 @@ class CIFAR10DataModule(_VisionDataModule):
             "cifar-10-python.tar.gz from the CIFAR-10 site) and copy the folder "
             "data/cifar-10-batches-py into the data folder."
         )
+
+    def _corrupt_files(self) -> list[str]:
+        from torchvision.datasets import CIFAR10, cifar
+
+        names = CIFAR10.train_list + CIFAR10.test_list + [
+            (CIFAR10.meta["filename"], CIFAR10.meta["md5"])
+        ]
+        folder = Path(CIFAR10.base_folder)
+        return [
+            str(folder / name) for name, md5 in names
+            if not cifar.check_integrity(str(self.data_dir / folder / name), md5)
+        ]
 
     def _read(self, train: bool) -> tuple[Tensor, Tensor]:
         from torchvision.datasets import CIFAR10

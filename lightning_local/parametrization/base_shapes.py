@@ -16,6 +16,17 @@ Traps (measured with mup 1.0.0):
   ``copy.deepcopy`` and ``load_state_dict(assign=True)`` (and FSDP2). Re-attach with
   :func:`reattach_base_shapes`, which, like everything here, never rescales weights.
 - Call it on the unwrapped network, before the optimizer, DDP or ``torch.compile``.
+- ``mup.set_base_shapes`` itself (``rescale_params=True``, its default) multiplies every
+  Linear/Conv bias by ``sqrt(fan-in width multiplier)`` (and a ``MuReadout``'s weight): an init
+  this library does not use, on top of which it would apply its own rescale.
+  :func:`check_not_rescaled_by_mup` refuses such a network (the wiring calls it); with
+  ``rescale_params=False`` mup only attaches shapes, like :func:`set_base_shapes`.
+- Attaching again is harmless (nothing is rescaled) while the shapes are the same or the init
+  has not been rescaled yet. Other shapes after the init rescale would leave the init scaled
+  for the old width multiplier and the learning rates for the new one: refused.
+- Base shapes from a network with another input size or number of classes mark the input
+  layer's fan-in (or the readout's fan-out) as a width: refused, see
+  :func:`~lightning_local.parametrization.roles.check_data_dims`.
 """
 
 from __future__ import annotations
@@ -38,7 +49,8 @@ from lightning_local.errors import (
     MissingBaseShapesError,
     ShapeMismatchError,
 )
-from lightning_local.parametrization.roles import unwrap
+from lightning_local.parametrization.parametrization import _INIT_MARK
+from lightning_local.parametrization.roles import check_data_dims, unwrap
 
 __all__ = [
     "set_base_shapes",
@@ -46,6 +58,7 @@ __all__ = [
     "load_base_shapes",
     "has_base_shapes",
     "reattach_base_shapes",
+    "check_not_rescaled_by_mup",
 ]
 
 BaseShapes = Mapping[str, InfShape]
@@ -76,6 +89,10 @@ def set_base_shapes(
         MissingBaseShapesError: when no parameter ends up with a width dim.
         CheckpointError: for a missing, corrupt or non-fitting ``.bsh`` file.
         ShapeMismatchError: when base/delta have other parameter names or ranks than the model.
+        UnclassifiableParameterError: when the shapes make the input layer's fan-in or the
+            readout's fan-out a width dim (a base network with another input size or number
+            of classes).
+        LocalLearningError: when the model's init was already rescaled for other base shapes.
     """
     net = unwrap(model)
     source = "base shapes"
@@ -98,6 +115,8 @@ def set_base_shapes(
             "Fix: pass delta= (the same network at another width), use "
             "base_shapes_from_builder(builder, base_width), or a .bsh file of base shapes."
         )
+    check_data_dims(net, infshapes, source)
+    _check_not_rescaled_for_other_shapes(net, infshapes)
     _mup_set_base_shapes(net, base_shapes, rescale_params=False, do_assert=False)
     if savefile is not None:
         _save(net, savefile)
@@ -183,6 +202,71 @@ def reattach_base_shapes(
             )
         source = {name: copy.copy(p.infshape) for name, p in net.named_parameters()}
     return set_base_shapes(model, source)
+
+
+def check_not_rescaled_by_mup(model: nn.Module) -> None:
+    """Refuse a network whose layers ``mup``'s own rescale already changed.
+
+    ``mup.set_base_shapes(model, base, delta=...)`` with its default ``rescale_params=True``
+    multiplies each Linear/Conv bias by ``sqrt(fan-in width multiplier)`` and a
+    ``MuReadout``'s weight and bias by ``sqrt(width multiplier)``, and marks the layer
+    (``_has_rescaled_params``). This library rescales the init itself, once, from its tables,
+    so on such a network the init would be neither its SP nor its muP. A plain Linear/Conv
+    whose bias is absent or zero (the builders' init) was not changed and is accepted.
+
+    Raises:
+        LocalLearningError: naming the first rescaled layer and the fix.
+    """
+    net = unwrap(model)
+    rescaled = [name or type(net).__name__ for name, module in net.named_modules()
+                if getattr(module, "_has_rescaled_params", False) is True and _changed(module)]
+    if rescaled:
+        raise LocalLearningError(
+            f"layers {rescaled[:3]}{' ...' if len(rescaled) > 3 else ''} were rescaled by "
+            "mup.set_base_shapes (its default rescale_params=True multiplies biases by "
+            "sqrt(fan-in width multiplier)); this library rescales the init itself, once, so "
+            "the init would be wrong. Fix: build the network afresh and attach base shapes "
+            "with lightning_local.set_base_shapes(model, base, delta) (it never rescales), or "
+            "call mup.set_base_shapes(model, base, delta=delta, rescale_params=False)."
+        )
+
+
+def _changed(module: nn.Module) -> bool:
+    """Whether mup's rescale can have changed ``module``: a ``MuReadout`` (weight rescaled), or
+    a layer with a non-zero bias and a width-scaled fan-in (mup multiplies the bias by
+    ``sqrt`` of the fan-in's width multiplier, 1 for a finite fan-in)."""
+    if type(module).__name__ in ("MuReadout", "MuSharedReadout"):
+        return True
+    bias, weight = getattr(module, "bias", None), getattr(module, "weight", None)
+    if not isinstance(bias, torch.Tensor) or not bool(bias.detach().ne(0).any()):
+        return False
+    infshape = getattr(weight, "infshape", None)
+    return infshape is None or len(infshape) < 2 or float(infshape[1].width_mult()) != 1.0
+
+
+def _check_not_rescaled_for_other_shapes(net: nn.Module, infshapes: Mapping) -> None:
+    """Refuse new base shapes on a network whose init was rescaled under other ones.
+
+    A parameter without ``p.infshape`` (lost by ``copy.deepcopy``) may get any: that is the
+    re-attach after a copy, whose old shapes cannot be known here.
+    """
+    marks = [getattr(m, _INIT_MARK) for m in net.modules()
+             if isinstance(getattr(m, _INIT_MARK, None), dict)]
+    if not any(shift != 0.0 for mark in marks for shift in mark.get("init_shifts", {}).values()):
+        return  # nothing was rescaled: the shapes may change freely
+    for name, p in net.named_parameters():
+        old, new = getattr(p, "infshape", None), infshapes[name]
+        if old is None:
+            continue
+        if [(d.isinf(), d.base_dim) for d in old] != [(d.isinf(), d.base_dim) for d in new]:
+            raise LocalLearningError(
+                f"the init of this network was already rescaled for its base shapes, and "
+                f"{name!r} would now get other ones (base {new.base_shape()}, was "
+                f"{old.base_shape()}): the init would stay scaled for the old width multiplier "
+                "while the learning rates follow the new one. Attaching the same base shapes "
+                "again is harmless. Fix: build the network afresh (new weights) and attach the "
+                "base shapes once, before wiring it."
+            )
 
 
 def _save(shapes: nn.Module | BaseShapes, savefile: PathLike) -> None:

@@ -14,22 +14,34 @@ Everything else raises :class:`UnclassifiableParameterError`: a weight whose wid
 dims 0/1, more than two width dims, a transposed convolution, or a multi-dim parameter with a
 width dim in a module other than ``nn.Linear``/``nn.ConvNd`` (e.g. ``nn.Embedding``, whose
 weight is ``(num_embeddings, embedding_dim)`` rather than ``(fan_out, fan_in)``).
+
+The input layer's fan-in is the data's input size and the readout's fan-out the number of
+outputs: neither is a width. Base shapes made from a network with another input size or number
+of classes than the model mark them as width dims (``mup`` takes every dim that differs for a
+width), which would silently class the input layer (or readout) as hidden: wrong init and
+learning rate. :func:`check_data_dims` refuses that.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from lightning_local.errors import MissingBaseShapesError, UnclassifiableParameterError
+from lightning_local.errors import (
+    MissingBaseShapesError,
+    UnclassifiableParameterError,
+    UnsupportedNetworkError,
+)
 
 __all__ = [
     "ClassifiedParameter",
     "Modules",
+    "check_data_dims",
     "classify_parameters",
     "named_parameters",
     "model_width_mult",
@@ -115,18 +127,22 @@ def model_width_mult(modules: Modules) -> float | None:
         if infshape is None:
             continue
         any_shape = True
-        for dim in infshape:
+        for index, dim in enumerate(infshape):
             if not dim.isinf():
                 continue
             ratio = float(dim.width_mult())
+            where = f"dim {index} of {name!r} ({dim.base_dim} in the base -> {dim.dim})"
             if found is None:
-                found = (name, ratio)
+                found = (where, ratio)
             elif not math.isclose(ratio, found[1], rel_tol=1e-9):
                 raise UnclassifiableParameterError(
-                    f"parameter {name!r} has a width dim scaled by {ratio:g} relative to its base, "
-                    f"but {found[0]!r} has one scaled by {found[1]:g}. The muP tables assume all "
-                    "widths scale together. Fix: build base and delta networks whose widths "
-                    "change by the same factor as the model's."
+                    f"{where} is a width dim scaled by {ratio:g}, but {found[0]} is one scaled "
+                    f"by {found[1]:g}. The muP tables assume all widths scale together. A dim "
+                    "that is not a width (input size, number of classes, image size) differs "
+                    "between the base network and the model, or two widths change by different "
+                    "factors. Fix: build the base and delta networks with the same input size, "
+                    "number of classes and image size as the model, only the width changed, "
+                    "and every width changed by the same factor."
                 )
     if not any_shape:
         return None
@@ -178,3 +194,90 @@ def _role(name: str, module: nn.Module, p: nn.Parameter) -> str:
         )
     fan_out, fan_in = infinite[0], infinite[1]
     return "hidden" if fan_in and fan_out else ("output" if fan_in else "input")
+
+
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """The modules of ``module`` that hold parameters of their own, in registration order
+    (the forward order of ``nn.Sequential`` blocks)."""
+    return [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, _ConvNd)) and not isinstance(module, _ConvTransposeNd)
+
+
+def check_data_dims(
+    model: nn.Module,
+    infshapes: Mapping[str, Any] | None = None,
+    source: str = "the base shapes",
+) -> None:
+    """Refuse base shapes that make the input layer's fan-in or the readout's fan-out a width.
+
+    The input layer is the first ``nn.Linear``/``nn.ConvNd`` of block 0 (unless a module with a
+    width dim comes before it, e.g. an embedding into the width), the readout the last one of
+    the last block (unless a module with a width dim comes after it). ``infshapes`` maps
+    parameter names of ``model`` to their ``InfShape`` (the shapes about to be attached);
+    without it the attached ``p.infshape`` are read. A model the network view cannot read (not
+    an ``nn.Sequential`` or a model with ``blocks``) is not checked.
+
+    Raises:
+        UnclassifiableParameterError: naming the layer, its shape, its base shape and the fix.
+    """
+    from lightning_local.network import as_blocks  # the view lives above this package
+
+    net = unwrap(model)
+    if not isinstance(net, nn.Sequential) and not isinstance(
+        getattr(net, "blocks", None), (nn.Sequential, nn.ModuleList)
+    ):
+        return  # not a layered network (e.g. a list of feedback maps): no input / readout
+    try:
+        blocks = as_blocks(net)
+    except UnsupportedNetworkError:
+        return
+    names = {id(p): name for name, p in net.named_parameters()}
+    module_names = {id(m): name for name, m in net.named_modules()}
+
+    def shape_of(p: nn.Parameter) -> Any:
+        if infshapes is None:
+            return getattr(p, "infshape", None)
+        return infshapes.get(names.get(id(p), ""))
+
+    def widths(module: nn.Module) -> bool:
+        return any(
+            (shape := shape_of(p)) is not None and any(d.isinf() for d in shape)
+            for p in module.parameters(recurse=False)
+        )
+
+    def layer(candidates: list[nn.Module]) -> nn.Module | None:
+        for module in candidates:
+            if _is_layer(module):
+                return module
+            if widths(module):  # e.g. an embedding into the width: the layer after is hidden
+                return None
+        return None
+
+    first = layer(_layers(blocks[0]))
+    last = layer(_layers(blocks[-1])[::-1])
+    for module, dim, what, setting in (
+        (first, 1, "input layer", "input size (features, or channels of an image)"),
+        (last, 0, "readout", "number of outputs (classes)"),
+    ):
+        if module is None:
+            continue
+        shape = shape_of(module.weight)
+        if shape is None or not shape[dim].isinf():
+            continue
+        model_size, base_size = shape[dim].dim, shape[dim].base_dim
+        name = module_names.get(id(module), "?")
+        side = "fan-in (dim 1)" if dim == 1 else "fan-out (dim 0)"
+        role = "hidden" if dim == 1 else "hidden (or a vector for its bias)"
+        raise UnclassifiableParameterError(
+            f"{source} mark the {side} of the {what} {name!r} ({type(module).__name__}, weight "
+            f"{tuple(module.weight.shape)}) as a width dim, but it is the data's {setting}: "
+            f"{model_size} in the model, {base_size} in the base network. The base shapes were "
+            f"made from a network with another {setting} than the model, so this layer would "
+            f"be classed as {role}, with the wrong init and learning rate. Fix: build the base "
+            f"(and delta) network with the same {setting} as the model ({model_size}) and the "
+            "same other non-width sizes, only the width changed; for a WidthBuilder "
+            "(MLP/CNN) pass the base width instead: set_base_shapes(model, base_width)."
+        )
