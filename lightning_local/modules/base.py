@@ -809,7 +809,8 @@ class LocalLearningModule(L.LightningModule):
         ``k``, so ``k`` batches of ``B`` give one batch of ``kB``'s mean for backprop and PC
         SI+FPA); under DDP the all-reduce runs only on the ``k``-th. The last group of an
         epoch steps even when shorter. ``gradient_clip_val`` clips through Lightning's
-        ``clip_gradients`` (which unscales 16-bit mixed-precision gradients first).
+        ``clip_gradients``, at the unscaled gradients' threshold under 16-bit mixed precision's
+        loss scaler (whose own skip of an overflowed step replaces the non-finite check).
         """
         inputs, targets = self._split_batch(batch)
         settings = self.training_settings
@@ -829,14 +830,21 @@ class LocalLearningModule(L.LightningModule):
         with self._backward_sync(enabled=last), rule.backward_precision(inputs):
             self.manual_backward(result.surrogate if k == 1 else result.surrogate / k)
         if last:
+            scaler = self._loss_scaler()
             bad = _first_nonfinite(self.trained_network, gradients=True)
-            if bad is not None:
+            if bad is not None and scaler is None:
                 return self._skip_or_raise(
                     f"the gradient of {bad} is not finite.{self._lr_hint(bad)}", optimizer
                 )
-            if settings.gradient_clip_val is not None:
+            # Under a GradScaler the gradients are still multiplied by its scale s here (the
+            # precision plugin unscales them inside optimizer.step, after this point), and a
+            # non-finite one is an overflow of the scaled backward pass: the scaler skips the
+            # step and lowers s. Clipping s * g at s * c is clipping g at c (norm and value);
+            # an overflowed step is not clipped, so the scaler still sees its infinities.
+            if settings.gradient_clip_val is not None and bad is None:
+                scale = 1.0 if scaler is None else scaler.get_scale()
                 self.clip_gradients(
-                    optimizer, gradient_clip_val=settings.gradient_clip_val,
+                    optimizer, gradient_clip_val=settings.gradient_clip_val * scale,
                     gradient_clip_algorithm=settings.gradient_clip_algorithm,
                 )
             optimizer.step()
@@ -851,6 +859,14 @@ class LocalLearningModule(L.LightningModule):
             self._step_schedulers("step")
         self._log_training(result, inputs.shape[0])
         return result.loss
+
+    def _loss_scaler(self) -> torch.amp.GradScaler | None:
+        """The Trainer's enabled loss scaler (``precision="16-mixed"``), else ``None``: the
+        gradients after ``manual_backward`` are multiplied by its scale until
+        ``optimizer.step()`` unscales them."""
+        trainer = self._trainer
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
     def _step_number(self) -> int:
         return (self._trainer.global_step + 1) if self._trainer is not None else 0

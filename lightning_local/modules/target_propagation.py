@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_local.distributed import sum_across_processes
@@ -53,6 +54,29 @@ class TargetPropagationModuleSettings(RuleSettings):
         object.__setattr__(self, "feedback_pretrain_epochs", int(epochs))
         if self.input_shape is not None:
             object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+
+
+class _ScaledGradients:
+    """The Lightning optimizer for a feedback step whose gradients are set by hand, unscaled.
+
+    Under a loss scaler Lightning's ``step`` unscales the gradients (and needs the scaler to
+    have scaled something this iteration): they are multiplied by the scale first, as
+    ``manual_backward`` would have, so the step applies them as computed, and the scaler checks
+    them and updates its scale as for any step.
+    """
+
+    def __init__(self, optimizer: Any, scaler: torch.amp.GradScaler) -> None:
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> Any:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = self.scaler.scale(p.grad)
+        return self.optimizer.step()
 
 
 class TargetPropagationModule(LocalLearningModule):
@@ -104,11 +128,16 @@ class TargetPropagationModule(LocalLearningModule):
             return super().training_step(batch, batch_idx)
         inputs, _ = self._split_batch(batch)
         optimizer, network = self.optimizers(), self.trained_network
+        scaler = self._loss_scaler()
         for step in range(inner_steps):
             counted = pretraining and step == inner_steps - 1  # global_step counts the batch
-            loss = rule.feedback_step(
-                network, inputs, optimizer if counted else optimizer.optimizer
-            )
+            if not counted:
+                step_optimizer: Any = optimizer.optimizer
+            elif scaler is None:
+                step_optimizer = optimizer
+            else:  # Lightning's step unscales: hand it scaled gradients
+                step_optimizer = _ScaledGradients(optimizer, scaler)
+            loss = rule.feedback_step(network, inputs, step_optimizer)
         if not pretraining:
             return super().training_step(batch, batch_idx)
         self.log("train/feedback_loss", loss.float(), prog_bar=True, batch_size=inputs.shape[0])
