@@ -119,6 +119,9 @@ class TrainingSettings(RuleSettings):
     skip_nonfinite_batches: bool = setting(
         False, "skip a batch whose loss, energy or gradients are not finite (counted in "
         "train/skipped_batches) instead of stopping with an error")
+    max_weight_magnitude: float | None = setting(
+        1e6, "an update leaving a weight entry larger than this in magnitude stops training as "
+        "divergence, before the step's checkpoint (None: only non-finite weights)")
 
     def __post_init__(self) -> None:
         make_parametrization(self.parametrization, self.output_weight_exponent)
@@ -127,6 +130,13 @@ class TrainingSettings(RuleSettings):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise LocalLearningError(f"lr must be a finite positive number, got {self.lr!r}. "
                                      "Fix: e.g. lr=0.1.")
+        limit = self.max_weight_magnitude
+        if limit is not None and (isinstance(limit, bool) or not (
+                isinstance(limit, (int, float)) and limit > 0 and not math.isnan(limit))):
+            raise LocalLearningError(
+                f"max_weight_magnitude must be a positive number or None, got {limit!r}. "
+                "Fix: e.g. 1e6, or None to check only for non-finite weights."
+            )
         for name, example in (("momentum", "0.9"), ("weight_decay", "1e-4")):
             value = getattr(self, name)
             if isinstance(value, bool) or not (

@@ -25,7 +25,12 @@ from lightning_local.errors import (
     UnsupportedNetworkError,
 )
 from lightning_local.models import MLP
-from lightning_local.modules import BackpropModule, LocalLearningModule, PredictiveCodingModule
+from lightning_local.modules import (
+    BackpropModule,
+    LocalLearningModule,
+    PredictiveCodingModule,
+    TargetPropagationModule,
+)
 from lightning_local.modules.checkpoint import AtomicCheckpointIO, save_atomically
 from lightning_local.parametrization import set_base_shapes
 
@@ -547,13 +552,43 @@ def test_divergence_never_reaches_disk(tmp_path, overflow):
     trainer = _trainer(tmp_path, max_epochs=20, callbacks=[checkpoints],
                        enable_checkpointing=True)
     what = r"step 3: after the update the weight 0\.0\.weight" if overflow else r"step \d+: "
-    with pytest.raises(LocalLearningError, match=what + ".*not finite"):
+    with pytest.raises(LocalLearningError, match=what + ".*(not finite|max_weight_magnitude)"):
         trainer.fit(model, _loader())
     files = sorted(tmp_path.glob("*.ckpt"))
     assert files  # the run got past its first steps
     for path in files:
         state = torch.load(path, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values()), path.name
+
+
+@pytest.mark.parametrize("module_class", [PredictiveCodingModule, TargetPropagationModule])
+def test_exploding_but_finite_weights_stop_training_before_their_checkpoint(
+        tmp_path, module_class):
+    """A learning rate far too large for PC or DTP blows the weights up to huge finite values
+    (1e18-1e30 in 0.1.0, all checkpointed): the update that first leaves an entry above
+    max_weight_magnitude stops training, naming the step and the weight, and every checkpoint
+    holds the weights before it. With the check off the same run goes past that size."""
+    def run(folder, **settings):
+        torch.manual_seed(0)
+        model = module_class(network=_mlp(), lr=3e3, **settings)
+        checkpoints = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=-1)
+        trainer = _trainer(folder, max_epochs=3, callbacks=[checkpoints],
+                           enable_checkpointing=True)
+        trainer.fit(model, _loader())
+        return model
+
+    with pytest.raises(LocalLearningError, match=r"step \d+: .*magnitude .* > "
+                       r"max_weight_magnitude=1e\+06: training diverged"):
+        run(tmp_path / "checked", max_weight_magnitude=1e6)
+    for path in sorted((tmp_path / "checked").glob("*.ckpt")):
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert max(float(v.abs().max()) for v in state.values()) <= 1e6, path.name
+    try:
+        unchecked = run(tmp_path / "unchecked", max_weight_magnitude=None)
+        largest = max(float(p.detach().abs().max()) for p in unchecked.parameters())
+    except LocalLearningError:  # it went on until a value was no longer finite
+        largest = float("inf")
+    assert largest > 1e6
 
 
 def test_skip_nonfinite_batches_equals_training_without_them():

@@ -103,6 +103,7 @@ NON_DEFAULT: dict[str, Any] = {
     "gradient_clip_val": 1.0,
     "gradient_clip_algorithm": "value",
     "skip_nonfinite_batches": True,
+    "max_weight_magnitude": 1e4,
 }
 
 # Settings that cannot all be non-default at once: TP's feedback-only steps (several feedback

@@ -42,6 +42,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import math
 import os
 import sys
 import typing
@@ -214,6 +215,21 @@ def _first_nonfinite(network: nn.Module, *, gradients: bool) -> str | None:
     if bool(finite.all()):
         return None
     return named[int((~finite).nonzero()[0])][0]
+
+
+def _first_diverged(network: nn.Module, limit: float | None) -> tuple[str, float] | None:
+    """``(name, largest |entry|)`` of the first parameter with a non-finite entry or one above
+    ``limit``, else None; one fused max-norm and one host synchronisation when all are fine."""
+    named = [(name, p.detach()) for name, p in network.named_parameters() if p.numel()]
+    if not named:
+        return None
+    largest = torch.stack(torch._foreach_norm([p for _, p in named], float("inf"))).float()
+    bound = math.inf if limit is None else float(limit)
+    fine = torch.isfinite(largest) & (largest <= bound)
+    if bool(fine.all()):
+        return None
+    index = int((~fine).nonzero()[0])
+    return named[index][0], float(largest[index])
 
 
 _LOADING: contextvars.ContextVar[str] = contextvars.ContextVar("loading", default="(loaded)")
@@ -848,13 +864,18 @@ class LocalLearningModule(L.LightningModule):
                     gradient_clip_algorithm=settings.gradient_clip_algorithm,
                 )
             optimizer.step()
-            bad = _first_nonfinite(self.trained_network, gradients=False)
-            if bad is not None:  # before this step's checkpoint: nothing of it reaches disk
+            limit = settings.max_weight_magnitude
+            diverged = _first_diverged(self.trained_network, limit)
+            if diverged is not None:  # before this step's checkpoint: nothing reaches disk
+                name, magnitude = diverged
+                state = ("is not finite" if not math.isfinite(magnitude) else
+                         f"has an entry of magnitude {magnitude:.3g} > max_weight_magnitude="
+                         f"{limit:g}")
                 raise NonFiniteEnergyError(  # global_step already counts this step
-                    f"step {self._step_number() - 1}: after the update the weight {bad} is not "
-                    f"finite.{self._lr_hint(bad)} The error stops training before this "
-                    "step's checkpoint is written: resume from the last checkpoint with a "
-                    "lower learning rate."
+                    f"step {self._step_number() - 1}: after the update the weight {name} "
+                    f"{state}: training diverged.{self._lr_hint(name)} The error stops "
+                    "training before this step's checkpoint is written: resume from the last "
+                    "checkpoint with a lower learning rate."
                 )
             self._step_schedulers("step")
         self._log_training(result, inputs.shape[0])
