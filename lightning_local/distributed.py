@@ -9,13 +9,22 @@ divides the sum by the number of processes ``N``:
 
 so ``N`` processes at batch ``B`` take the same step as one process at batch ``NB`` (up to
 float summation order), and every rank applies the same averaged gradient, so ranks stay
-bit-identical. That holds only because nothing a rule computes *before* the surrogate depends
-on the batch split: predictive-coding inference descends a per-sample *sum* energy, with
-closed-form state gradients or ``torch.autograd.grad`` with respect to the states only, so no
-parameter gradient is accumulated and no DDP hook fires during inference. Target propagation's
-closed-form ridge feedback is the one exception that needs the global batch: its Gram sums go
-through :func:`sum_across_processes` (one all-reduce of statistics, not of gradients, per step;
-the rule's ``all_reduce_sum`` hook).
+bit-identical. That holds only if nothing a rule computes *before* the surrogate depends on the
+batch split. Predictive-coding inference descends a per-sample *sum* energy, with closed-form
+state gradients or ``torch.autograd.grad`` with respect to the states only, so no parameter
+gradient is accumulated and no DDP hook fires during inference. What does need the global batch
+goes through the rule's :class:`~lightning_local.rules.base.ProcessLayout`
+(``rule.process_layout``, made by :func:`process_layout`): its sum is
+:func:`sum_across_processes`, an all-reduce of statistics, not of gradients:
+
+- PC's ``"tolerance"`` schedule stops on the global energy ``F = sum_r F_r`` (one scalar
+  all-reduce per inference step), so every rank takes the steps one process takes on ``NB``;
+- TP's closed-form ridge feedback sums its Gram matrices (one all-reduce per step), and its
+  feedback-only steps their gradients (one per feedback step);
+- TP's noisy reconstruction draws its noise per *global* sample
+  (:meth:`~lightning_local.rules.base.ProcessLayout.global_randn_like`): every rank draws the
+  ``NB`` rows one process draws and keeps its own, so the samples' noises are independent and
+  the random states stay equal on all ranks.
 
 :class:`LocalDDPStrategy` is Lightning's ``DDPStrategy`` with what local rules need:
 
@@ -52,6 +61,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import Dataset, DistributedSampler
 
 from lightning_local.errors import LocalLearningError
+from lightning_local.rules.base import ProcessLayout
 
 __all__ = [
     "AllReduceCounter",
@@ -59,6 +69,7 @@ __all__ = [
     "StepCommunication",
     "check_supported_strategy",
     "global_batch_sampler",
+    "process_layout",
     "single_bucket_mb",
     "sum_across_processes",
 ]
@@ -75,13 +86,32 @@ def _world_size() -> int:
 def sum_across_processes(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` over all processes, in place, and return it (identity in one process).
 
-    The ``reduce`` hook for rules whose inference needs global-batch statistics, e.g. target
-    propagation's ridge feedback: ``rule.all_reduce_sum = sum_across_processes``. Every rank
-    must call it at the same point (it is a collective).
+    The sum of :func:`process_layout` for rules whose computation before the surrogate needs
+    global-batch statistics (PC's tolerance stop, TP's ridge Gram sums and feedback-step
+    gradients). Every rank must call it at the same point (it is a collective).
     """
     if _world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def process_layout(trainer: L.Trainer | None = None) -> ProcessLayout:
+    """The :class:`~lightning_local.rules.base.ProcessLayout` of this process, for
+    ``rule.process_layout``.
+
+    The trainer's world size and global rank (else ``torch.distributed``'s default group, else
+    one process), with :func:`sum_across_processes` as the sum when there are several
+    processes. Together with :func:`global_batch_sampler` (the same ranks), rank ``r`` of ``N``
+    holds global samples ``r, r + N, ..`` of each batch.
+    """
+    if trainer is not None:
+        replicas, rank = trainer.world_size, trainer.global_rank
+    elif _world_size() > 1:
+        replicas, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        replicas, rank = 1, 0
+    reduce = sum_across_processes if replicas > 1 else None
+    return ProcessLayout(rank=rank, world_size=replicas, all_reduce_sum=reduce)
 
 
 def global_batch_sampler(

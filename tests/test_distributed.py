@@ -1,10 +1,13 @@
 """DDP: 2 processes at batch B train exactly like 1 process at batch 2B, with one all-reduce.
 
-The 2-process runs use ``examples/ddp_train.py`` (Lightning's ``ddp`` strategy relaunches the
-script, so it cannot run inside pytest): one launch trains every rule on 2 CPU processes with
-gloo, each process saving its weights, its per-step all-reduce counts (a DDP communication
-hook) and the epoch loss. The reference is the same script's single-process run at batch 2B on
-the same samples, in this process.
+The 2-process runs use scripts (Lightning's ``ddp`` strategy relaunches the script, so it
+cannot run inside pytest): one launch of ``tests/_ddp_cases.py`` trains every case on 2 CPU
+processes with gloo (the example's three rules; PC with the tolerance schedule; DTP with noisy
+feedback; backprop, PC and DTP on a depth-4 ReLU network with cross-entropy), each process
+saving its weights, its per-step all-reduce counts (a DDP communication hook), the epoch loss
+and PC's inference steps; ``examples/ddp_train.py`` runs the spawn and accumulation cases. The
+reference is the same script's single-process run at batch 2B on the same samples, in this
+process.
 """
 
 from __future__ import annotations
@@ -32,33 +35,49 @@ from lightning_local.distributed import (
     StepCommunication,
     check_supported_strategy,
     global_batch_sampler,
+    process_layout,
     single_bucket_mb,
     sum_across_processes,
 )
 from lightning_local.errors import LocalLearningError
 from lightning_local.models import MLP
 from lightning_local.modules import BackpropModule, PredictiveCodingModule
+from lightning_local.rules import PredictiveCoding
+from lightning_local.rules.base import ProcessLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "ddp_train.py"
+SCRIPT = ROOT / "tests" / "_ddp_cases.py"  # the cases, on the example's data and sampler
 RULES = ("bp", "pc", "tp")
+# cases that need the global batch before the surrogate, and a deeper ReLU/cross-entropy net
+GLOBAL_CASES = ("pc_tolerance", "dtp_noisy")
+RELU4_CASES = ("relu4_ce_bp", "relu4_ce_pc_tolerance", "relu4_ce_dtp_ridge",
+               "relu4_ce_dtp_noisy")
 BATCH, SAMPLES, WIDTH, SEED = 4, 16, 32, 0  # 2 ranks x 4 = 8 per step: 2 steps per epoch
 STEPS = SAMPLES // (2 * BATCH)
 COMMON = ["--data", "gaussian", "--samples", str(SAMPLES), "--width", str(WIDTH),
           "--seed", str(SEED), "--epochs", "1"]
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("ddp_train_example", EXAMPLE)
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _launch(args: list[str], timeout: float = 400) -> None:
-    """Run the example in a new process group; kill the whole group if it hangs."""
+def _example():
+    return _load(EXAMPLE, "ddp_train_example")
+
+
+def _cases():
+    return _load(SCRIPT, "ddp_cases")
+
+
+def _launch(args: list[str], timeout: float = 400, script: Path = EXAMPLE) -> None:
+    """Run ``script`` in a new process group; kill the whole group if it hangs."""
     process = subprocess.Popen(
-        [sys.executable, str(EXAMPLE), *args], cwd=ROOT, stdout=subprocess.PIPE,
+        [sys.executable, str(script), *args], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
@@ -74,12 +93,15 @@ def _launch(args: list[str], timeout: float = 400) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``{"ddp": dir, "spawn": dir, "single": dir}`` of per-rank result files."""
     folders = {name: tmp_path_factory.mktemp(name) for name in ("ddp", "spawn", "single")}
-    _launch(["--rules", *RULES, "--devices", "2", "--strategy", "local_ddp", "--batch-size",
-             str(BATCH), "--alignment-every", "1", "--out", str(folders["ddp"]), *COMMON])
+    cases = [*RULES, *GLOBAL_CASES, *RELU4_CASES]
+    shared = ["--samples", str(SAMPLES), "--width", str(WIDTH), "--seed", str(SEED),
+              "--epochs", "1"]
+    _launch(["--cases", *cases, "--devices", "2", "--batch-size", str(BATCH),
+             "--alignment-every", "1", "--out", str(folders["ddp"]), *shared], script=SCRIPT)
     _launch(["--rules", "pc", "--devices", "2", "--strategy", "local_ddp_spawn",
              "--batch-size", str(BATCH), "--out", str(folders["spawn"]), *COMMON])
-    _example().main(["--rules", *RULES, "--devices", "1", "--batch-size", str(2 * BATCH),
-                     "--out", str(folders["single"]), *COMMON])
+    _cases().main(["--cases", *cases, "--devices", "1", "--batch-size", str(2 * BATCH),
+                   "--out", str(folders["single"]), *shared])
     return folders
 
 
@@ -107,10 +129,13 @@ def test_ddp_accumulation_equals_one_process_and_skips_the_first_all_reduce(
     assert counts == [(0, 0, 0), (0, 1, 0)] * (STEPS // 2)
 
 
-def _initial_weights(rule: str) -> dict[str, torch.Tensor]:
+def _network(case: str) -> torch.nn.Module:
     L.seed_everything(SEED, verbose=False)
-    module = _example().build_module(rule, WIDTH, 3, 0.1)
-    return {k: v.detach().clone() for k, v in module.network_for_rule().state_dict().items()}
+    return _cases().build_module(case, WIDTH, 0.1).network_for_rule()
+
+
+def _initial_weights(case: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in _network(case).state_dict().items()}
 
 
 def _check_weights(folder: Path, reference: Path, rule: str) -> tuple[dict, dict, dict]:
@@ -131,7 +156,7 @@ def _check_weights(folder: Path, reference: Path, rule: str) -> tuple[dict, dict
     return rank0, rank1, single
 
 
-def _check_against_one_process(folder: Path, reference: Path, rule: str) -> None:
+def _check_against_one_process(folder: Path, reference: Path, rule: str) -> tuple[dict, ...]:
     rank0, rank1, single = _check_weights(folder, reference, rule)
     # epoch metrics are synchronised across ranks: both hold the global mean of 1 x 2B
     assert rank0["loss_epoch"] == rank1["loss_epoch"]
@@ -140,12 +165,11 @@ def _check_against_one_process(folder: Path, reference: Path, rule: str) -> None
     expected = StepCommunication(before_backward=0, backward=1, after_backward=0, numel=trainable)
     for rank in (rank0, rank1):
         assert [StepCommunication(**s) for s in rank["all_reduces"]] == [expected] * STEPS
+    return rank0, rank1, single
 
 
-def _trainable(rule: str) -> dict[str, torch.Tensor]:
-    L.seed_everything(SEED, verbose=False)
-    network = _example().build_module(rule, WIDTH, 3, 0.1).network_for_rule()
-    return {k: p for k, p in network.named_parameters() if p.requires_grad}
+def _trainable(case: str) -> dict[str, torch.Tensor]:
+    return {k: p for k, p in _network(case).named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -156,6 +180,22 @@ def test_ddp_two_processes_equal_one_process_with_one_all_reduce_per_step(runs, 
     and does not change the training (the single-process reference runs without it).
     """
     _check_against_one_process(runs["ddp"], runs["single"], rule)
+
+
+@pytest.mark.parametrize("case", GLOBAL_CASES + RELU4_CASES)
+def test_ddp_equals_one_process_where_the_rule_needs_the_global_batch(runs, case):
+    """PC's tolerance schedule and DTP's noisy feedback, and every rule on a depth-4 ReLU
+    network with cross-entropy: ranks bit-identical, = 1 x 2B (< 1e-6), 1 gradient all-reduce
+    per step. Each PC step's inference stops where the single process stops on the global
+    batch, strictly between the first step and the cap, on both ranks. [Without the global
+    stop decision the tanh case is 3e-4 and the ReLU case 5e-3 off (a rank takes one step
+    more or less); with the same noise on both ranks the DTP feedback is 0.2 and 0.14 off.]
+    """
+    rank0, rank1, single = _check_against_one_process(runs["ddp"], runs["single"], case)
+    if case.endswith("pc_tolerance"):
+        steps, cap = single["inference_steps"], _cases().PC_TOLERANCE["inference_steps"]
+        assert len(steps) == STEPS and all(1 < s < cap for s in steps), steps
+        assert rank0["inference_steps"] == rank1["inference_steps"] == steps
 
 
 def test_ddp_spawn_two_processes_equal_one_process(runs):
@@ -231,6 +271,35 @@ def test_global_batch_sampler_gives_n_ranks_the_single_process_batches():
 def test_sum_across_processes_is_the_identity_in_one_process():
     value = torch.tensor([1.0, -2.0])
     assert sum_across_processes(value) is value and value.tolist() == [1.0, -2.0]
+
+
+def test_process_layout_of_one_process_and_of_a_trainer():
+    assert process_layout() == ProcessLayout() == PredictiveCoding().process_layout
+    trainer = type("T", (), {"world_size": 4, "global_rank": 2})()
+    assert process_layout(trainer) == ProcessLayout(2, 4, sum_across_processes)
+    trainer = type("T", (), {"world_size": 1, "global_rank": 0})()
+    assert process_layout(trainer) == ProcessLayout()  # no communication in one process
+
+
+def test_process_layout_refuses_an_impossible_layout():
+    with pytest.raises(LocalLearningError, match="all_reduce_sum"):
+        ProcessLayout(rank=0, world_size=2)
+    for rank, world_size in ((2, 2), (-1, 2), (0, 0), (True, 2), (0.0, 2)):
+        with pytest.raises(LocalLearningError, match="0 <= rank < world_size"):
+            ProcessLayout(rank, world_size, sum_across_processes)
+
+
+def test_assigning_all_reduce_sum_keeps_the_rank_and_world_size():
+    rule = PredictiveCoding()
+    assert rule.all_reduce_sum is None
+    rule.process_layout = ProcessLayout(1, 2, sum_across_processes)
+
+    def other(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    rule.all_reduce_sum = other
+    assert rule.process_layout == ProcessLayout(1, 2, other) and rule.all_reduce_sum is other
+    assert PredictiveCoding().process_layout == ProcessLayout()  # per rule, not per class
 
 
 def test_registered_strategy_names():

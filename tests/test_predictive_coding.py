@@ -12,7 +12,9 @@ from torch import nn
 from lightning_local.errors import LocalLearningError, NonFiniteEnergyError, ShapeMismatchError
 from lightning_local.models import CNN, MLP
 from lightning_local.rules.backprop import Backprop
+from lightning_local.rules.base import ProcessLayout
 from lightning_local.rules.predictive_coding import PredictiveCoding
+from tests._ddp_ranks import ThreadRanks
 
 
 def _grads(net: nn.Module, surrogate: torch.Tensor) -> list[torch.Tensor]:
@@ -301,3 +303,61 @@ def test_exactness_identity_with_residual_and_flatten_blocks():
     pc_grads = _grads(net, pc.training_loss(net, x, y).surrogate)
     bp_grads = _grads(net, Backprop("cross_entropy").training_loss(net, x, y).surrogate)
     assert _max_relative(pc_grads, [0.5 * g for g in bp_grads]) < 1e-10
+
+
+def test_tolerance_stops_on_the_global_energy_on_every_rank():
+    """Two ranks (threads with a real all-reduce) holding alternate rows of a batch stop where
+    one process stops on the whole batch: same steps, energy trace, states (the rows) and mean
+    weight gradient, with one scalar all-reduce per inference step. The control: each rank
+    deciding on its own rows stops elsewhere (after 67 and 53 steps instead of 54)."""
+    torch.manual_seed(13)
+    net = MLP(in_features=6, width=16, num_classes=3, depth=3).double()
+    x, _ = _batch(batch=12)
+    with torch.no_grad():
+        targets = net(x)
+    targets[0::2] += 0.5 * torch.randn_like(targets[0::2])  # rank 0's rows are the easy ones
+    targets[1::2] += 3.0 * torch.randn_like(targets[1::2])
+    rule = PredictiveCoding(
+        inference="tolerance", inference_steps=500, inference_lr=0.1, tolerance=1e-4,
+        fixed_prediction=False,
+    )
+    params = list(net.parameters())
+    whole = rule.infer(net, x, targets)
+    whole_grads = torch.autograd.grad(rule.training_loss(net, x, targets).surrogate, params)
+    alone = [rule.infer(net, x[r::2], targets[r::2]).steps for r in range(2)]
+    assert 10 < whole.steps < 500 and whole.steps not in alone, (whole.steps, alone)
+
+    def rank_work(layout: ProcessLayout):
+        ranked = rule.with_settings()
+        ranked.process_layout = layout
+        rows = slice(layout.rank, None, layout.world_size)
+        result = ranked.infer(net, x[rows], targets[rows])
+        surrogate = ranked.training_loss(net, x[rows], targets[rows]).surrogate
+        return result, torch.autograd.grad(surrogate, params)
+
+    ranks = ThreadRanks(2)
+    (first, first_grads), (second, second_grads) = ranks.run(rank_work)
+    assert ranks.calls == [2 * whole.steps] * 2  # infer + training_loss: one per step each
+    for rank, result in enumerate((first, second)):
+        assert result.steps == whole.steps
+        assert result.energy_trace == pytest.approx(whole.energy_trace, rel=1e-12)
+        for state, expected in zip(result.states, whole.states):
+            torch.testing.assert_close(state, expected[rank::2], rtol=1e-12, atol=1e-12)
+    for a, b, expected in zip(first_grads, second_grads, whole_grads):
+        torch.testing.assert_close((a + b) / 2, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_only_the_tolerance_schedule_communicates():
+    """Sequential and simultaneous inference are per sample: no all-reduce, even under a
+    layout of several processes."""
+    torch.manual_seed(14)
+    net = MLP(in_features=6, width=8, num_classes=3, depth=3).double()
+    x, y = _batch(batch=4)
+
+    def refuse(tensor: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("inference communicated")
+
+    for schedule in ("sequential", "simultaneous"):
+        rule = PredictiveCoding(inference=schedule, inference_steps=3)
+        rule.process_layout = ProcessLayout(1, 2, refuse)
+        rule.training_loss(net, x, y)

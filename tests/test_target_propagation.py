@@ -15,6 +15,7 @@ from lightning_local.errors import LocalLearningError, UnsupportedNetworkError
 from lightning_local.models import CNN, MLP
 from lightning_local.network import as_blocks, feedforward
 from lightning_local.parametrization import MuP, base_shapes_from_builder, set_base_shapes
+from lightning_local.rules.base import ProcessLayout
 from lightning_local.rules.target_propagation import TargetPropagation, TPNetwork
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tp_feature_learning.py"
@@ -492,3 +493,68 @@ def test_a_residual_block_gets_a_linear_feedback_fitted_in_closed_form():
     mu = 0.1 * 10  # mu_l = mu' n_l
     expected = (h1.T @ h2) @ torch.linalg.inv(h2.T @ h2 + mu * torch.eye(10, dtype=x.dtype))
     torch.testing.assert_close(wrapped.feedback[0].weight, expected, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (4, 3, 5, 5)])
+def test_global_noise_is_the_one_process_noise_dealt_to_the_ranks(shape):
+    """Rank r of N at batch B gets rows r, r + N, .. of the noise one process at NB draws with
+    randn_like (global_batch_sampler's layout), from the same random state, and every rank
+    leaves the generator where that process does. In one process it is randn_like itself
+    (also for channels-last images, and with an explicit generator)."""
+    formats = [torch.contiguous_format] + ([torch.channels_last] if len(shape) == 4 else [])
+    for memory_format in formats:
+        local = torch.zeros(shape).to(memory_format=memory_format)
+        whole = torch.zeros((3 * shape[0], *shape[1:])).to(memory_format=memory_format)
+        torch.manual_seed(5)
+        expected, state = torch.randn_like(whole), torch.get_rng_state()
+        for rank in range(3):
+            torch.manual_seed(5)
+            noise = ProcessLayout(rank, 3, _no_sum).global_randn_like(local)
+            assert torch.equal(noise, expected[rank::3]) and noise.shape == local.shape
+            assert torch.equal(torch.get_rng_state(), state)
+        torch.manual_seed(5)
+        one = torch.randn_like(local)
+        torch.manual_seed(5)
+        assert torch.equal(ProcessLayout().global_randn_like(local), one)
+        generator = torch.Generator().manual_seed(5)
+        assert torch.equal(ProcessLayout().global_randn_like(local, generator), one)
+        generator = torch.Generator().manual_seed(5)
+        assert torch.equal(
+            ProcessLayout(1, 3, _no_sum).global_randn_like(local, generator), expected[1::3]
+        )
+
+
+def _no_sum(tensor: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("the noise needs no communication")
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_noisy_dtp_on_ranks_equals_one_process_on_the_global_batch(loss):
+    """Two ranks at batch B holding alternate rows of a batch of 2B, from the same random
+    state: the mean of their surrogate gradients (what DDP applies) is one process's at 2B,
+    forward and feedback weights, and the random state ends where that process's does. The
+    control: each rank drawing the noise of its own batch alone (as one process would, the
+    same noise on both ranks) is far off in the feedback gradients."""
+    rule = TargetPropagation(loss, variant="dtp", feedback_training="noisy", noise_std=0.5)
+    torch.manual_seed(0)
+    net = rule.build_network(MLP(6, 8, 3, depth=4, activation="relu")).double()
+    x, y = _data(batch=10)
+    params = [p for p in net.parameters() if p.requires_grad]
+    feedback = len(list(net.blocks.parameters()))
+
+    def gradients(layout: ProcessLayout, rows: slice) -> tuple[list[torch.Tensor], torch.Tensor]:
+        ranked = rule.with_settings()
+        ranked.process_layout = layout
+        torch.manual_seed(7)
+        surrogate = ranked.training_loss(net, x[rows], y[rows]).surrogate
+        return list(torch.autograd.grad(surrogate, params)), torch.get_rng_state()
+
+    whole, state = gradients(ProcessLayout(), slice(None))
+    ranks = [gradients(ProcessLayout(r, 2, _no_sum), slice(r, None, 2)) for r in range(2)]
+    for a, b, expected in zip(ranks[0][0], ranks[1][0], whole):
+        torch.testing.assert_close((a + b) / 2, expected, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(rank_state, state) for _, rank_state in ranks)
+    alone = [gradients(ProcessLayout(), slice(r, None, 2))[0] for r in range(2)]
+    gap = max(float(((a + b) / 2 - expected).abs().max())
+              for a, b, expected in list(zip(*alone, whole))[feedback:])
+    assert gap > 1e-2, gap

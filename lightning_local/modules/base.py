@@ -60,7 +60,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self
 
-from lightning_local.distributed import check_supported_strategy
+from lightning_local.distributed import check_supported_strategy, process_layout
 from lightning_local.errors import (
     CheckpointError,
     LocalLearningError,
@@ -711,6 +711,7 @@ class LocalLearningModule(L.LightningModule):
             check_supported_strategy(self._trainer.strategy)
             install_atomic_checkpoints(self._trainer.strategy)  # before any save or resume
         self.apply_parametrization()
+        self.rule.process_layout = process_layout(self._trainer)  # ranks, for global decisions
 
     def configure_callbacks(self) -> list[L.Callback]:
         """No callbacks of the module's own; refuses the Trainer flags that the manual

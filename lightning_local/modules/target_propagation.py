@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_local.distributed import sum_across_processes
 from lightning_local.errors import LocalLearningError
 from lightning_local.modules.base import LocalLearningModule
 from lightning_local.rules.base import RuleSettings, setting
@@ -111,13 +110,6 @@ class TargetPropagationModule(LocalLearningModule):
     @property
     def feedback_pretrain_epochs(self) -> int:
         return self.extra_settings.feedback_pretrain_epochs
-
-    def setup(self, stage: str) -> None:
-        """Wire the run; under DDP, sum the ridge Grams and feedback-step gradients over
-        processes."""
-        super().setup(stage)
-        distributed = self._trainer is not None and self.trainer.world_size > 1
-        self.rule.all_reduce_sum = sum_across_processes if distributed else None
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """``k - 1`` feedback-only steps, then the joint step (feedback only while pre-training)."""

@@ -14,6 +14,11 @@ Each rule declares its settings once, as the fields of a frozen dataclass
 declaration: the rule's keyword arguments and attributes, :meth:`LocalRule.hparams`, the
 Lightning modules' signatures (and so ``LightningCLI`` and checkpoint hyperparameters), the
 sweep's rule variants and run keys. Rules register themselves by ``name`` in :data:`RULES`.
+
+Under data parallelism each rule sees its process's share of the global batch and, where its
+computation before the surrogate needs the global batch, reads :attr:`LocalRule.process_layout`
+(a :class:`ProcessLayout`: this process's rank, the number of processes and the sum over
+them; one process by default).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RULES",
     "LocalRule",
+    "ProcessLayout",
     "RuleSettings",
     "StepResult",
     "check_batch",
@@ -266,6 +272,83 @@ class RuleSettings:
         return {k: v for k, v in self.to_dict().items() if k in keep}
 
 
+@dataclass(frozen=True)
+class ProcessLayout:
+    """Where this process's batch sits in the global batch, and how to sum over processes.
+
+    Under data parallelism with ``N = world_size`` processes at batch ``B`` each, the global
+    batch has ``NB`` samples and process ``r = rank`` holds rows ``r, r + N, r + 2N, ..``
+    of it: global sample ``p`` is row ``p // N`` of rank ``p % N``. That is the layout of
+    :func:`lightning_local.distributed.global_batch_sampler` (a ``DistributedSampler`` deals
+    the samples to the ranks in turn), under which ``N`` processes at ``B`` see the batches of
+    one process at ``NB``.
+
+    Attributes:
+        rank: this process's index, ``0 <= rank < world_size``.
+        world_size: the number of processes ``N``.
+        all_reduce_sum: sums a tensor over the processes and returns the sum (in place or
+            not), a collective that every process calls at the same point
+            (:func:`lightning_local.distributed.sum_across_processes`); ``None`` in one
+            process.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        whole = all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (self.rank, self.world_size)
+        )
+        if not whole or not 0 <= self.rank < self.world_size:
+            raise LocalLearningError(
+                f"ProcessLayout(rank={self.rank!r}, world_size={self.world_size!r}): need "
+                "whole numbers with 0 <= rank < world_size. Fix: e.g. "
+                "lightning_local.distributed.process_layout(trainer)."
+            )
+        if self.world_size > 1 and self.all_reduce_sum is None:
+            raise LocalLearningError(
+                f"ProcessLayout with world_size={self.world_size} has no all_reduce_sum: the "
+                "processes could not agree on global-batch quantities. Fix: pass "
+                "all_reduce_sum=lightning_local.distributed.sum_across_processes."
+            )
+
+    def global_randn_like(
+        self, local: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Standard normal noise for this process's rows, drawn per *global* sample.
+
+        With ``local`` of shape ``(B, ...)`` it draws ``xi`` of shape ``(NB, ...)`` (in
+        ``local``'s dtype, device and memory format) from ``generator`` (the default one if
+        ``None``) and returns this rank's rows ``xi[rank::N]``. When the generator's state is
+        the same on every process (``seed_everything`` with one seed), the ``N`` processes
+        together hold exactly the noise one process at batch ``NB`` draws with
+        ``torch.randn_like``, every process consumes the same random numbers (so the states
+        stay equal), and the samples' noises are independent. In one process it is
+        ``torch.randn_like(local)`` (with ``generator``). Cost: ``N`` times the random numbers
+        of the local batch, on every process.
+        """
+        if self.world_size == 1:  # randn_like is empty_like + normal_
+            if generator is None:
+                return torch.randn_like(local)
+            return torch.empty_like(local).normal_(generator=generator)
+        shape = (local.shape[0] * self.world_size, *local.shape[1:])
+        noise = torch.empty(
+            shape, dtype=local.dtype, device=local.device, memory_format=_memory_format(local)
+        ).normal_(generator=generator)
+        return noise[self.rank::self.world_size]
+
+
+def _memory_format(tensor: Tensor) -> torch.memory_format:
+    """The dense memory format ``torch.randn_like`` gives ``tensor``'s noise (its own, for
+    channels-last images; contiguous otherwise)."""
+    if not tensor.is_contiguous():
+        for fmt, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+            if tensor.dim() == dim and tensor.is_contiguous(memory_format=fmt):
+                return fmt
+    return torch.contiguous_format
+
+
 RULES: dict[str, type[LocalRule]] = {}
 """Registered rules by ``name`` (``"bp"``, ``"pc"``, ``"tp"``); a subclass that sets ``name``
 registers itself."""
@@ -280,6 +363,16 @@ class LocalRule(ABC):
     ``settings=`` object, and each setting reads as an attribute (``rule.inference_steps``).
     Assigning a setting attribute replaces (and validates) the settings. ``name`` is the key
     of the parametrization tables and of :data:`RULES` (``"bp"``, ``"pc"``, ``"tp"``).
+
+    Attributes:
+        process_layout: this process's place among data-parallel processes
+            (:class:`ProcessLayout`; one process by default). The Lightning modules set it
+            at setup (:func:`lightning_local.distributed.process_layout`); without Lightning,
+            assign it in every process. Rules use it only for what must be computed on the
+            global batch before the surrogate: PC's tolerance stop, TP's ridge Gram sums,
+            feedback-step gradients and noise.
+        all_reduce_sum: ``process_layout.all_reduce_sum``; assigning it replaces the sum and
+            keeps the rank and world size.
     """
 
     name: str = "rule"
@@ -289,6 +382,7 @@ class LocalRule(ABC):
     their updates are products of small errors; CPU autograd runs the backward pass in the
     caller's thread, under its autocast). Backprop follows the caller's precision."""
     settings: RuleSettings
+    process_layout: ProcessLayout = ProcessLayout()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -325,6 +419,15 @@ class LocalRule(ABC):
             self.__dict__["settings"] = settings.replace(**{name: value})
             return
         super().__setattr__(name, value)
+
+    @property
+    def all_reduce_sum(self) -> Callable[[Tensor], Tensor] | None:
+        """The sum over processes of :attr:`process_layout` (``None`` in one process)."""
+        return self.process_layout.all_reduce_sum
+
+    @all_reduce_sum.setter
+    def all_reduce_sum(self, value: Callable[[Tensor], Tensor] | None) -> None:
+        self.process_layout = dataclasses.replace(self.process_layout, all_reduce_sum=value)
 
     def with_settings(self, **changes: Any) -> Self:
         """A fresh rule of the same class and loss with ``changes`` to its settings."""

@@ -19,7 +19,10 @@ from the feedforward values (F-ini: every hidden error starts at 0). Schedules:
 - ``"simultaneous"``: ``inference_steps`` gradient steps on all layers at once;
 - ``"tolerance"``: simultaneous steps until the relative energy decrease
   ``(F_{t-1} - F_t) / |F_{t-1}|`` falls under ``tolerance``, ``inference_steps`` as the cap.
-  A step that raises the energy is not convergence: inference goes on and warns once.
+  A step that raises the energy is not convergence: inference goes on and warns once. Under
+  data parallelism (:attr:`~lightning_local.rules.base.LocalRule.process_layout`) ``F`` is the
+  global batch's, ``sum_r F_r`` over the processes (one scalar all-reduce per step), so all
+  ranks take the steps one process takes on the whole batch.
 
 Weight update (batch mean): ``Delta W_l = -eta_l dF/dW_l / B``, i.e. for hidden blocks
 ``(gamma_l / B) (d mu_l / d W_l)^T eps_l`` and for the readout
@@ -81,7 +84,8 @@ class InferenceResult:
         energy_before: ``F`` at the feedforward states (per-sample sum over the batch).
         energy_after: ``F`` at the final states (per-sample sum over the batch).
         steps: inference steps (sweeps for SI) actually taken.
-        energy_trace: ``F`` before each step, then after the last (tolerance schedule only).
+        energy_trace: ``F`` before each step, then after the last (tolerance schedule only;
+            the global batch's ``F``, summed over processes, under a process layout).
         energy_per_layer: the terms of ``energy_after``, one per block (batch sums).
         feedforward_outputs: ``f_l(h_{l-1})`` with a graph to the parameters, per block, where
             the closed form kept it (for the FPA weight update; ``None`` otherwise).
@@ -349,16 +353,22 @@ class PredictiveCoding(LocalRule):
                 cached = maps if steps == 1 else None
                 self._sequential_sweep(blocks, states, cached, targets, gammas, move)
         else:
-            previous = float(energy_before)
-            trace.append(previous)
+            tolerance = self.inference == "tolerance"
+            # the stop decision reads the global batch's energy: under several processes
+            # the energy before inference is summed with the first energy after a step
+            previous: float | None = None
+            if not (tolerance and self.all_reduce_sum is not None):
+                previous = float(energy_before)
+                trace.append(previous)
             for step in range(1, self.inference_steps + 1):
                 if step > 1:
                     maps, _ = self._linearize_all(blocks, states)
-                    if self.inference == "tolerance":
+                    if tolerance:
                         # the energy after the last step, from this step's predictions
                         terms = self._terms(states, [m.prediction for m in maps], targets)
-                        current = float(terms.sum())
-                        trace.append(current)
+                        previous, current = self._global_energies(
+                            previous, energy_before, terms.sum(), trace
+                        )
                         if self._converged(step - 1, previous, current):
                             break
                         previous = current
@@ -366,10 +376,12 @@ class PredictiveCoding(LocalRule):
                 for layer in range(1, hidden + 1):
                     move(layer, grads[layer - 1])
                 steps, terms = step, None
-            if self.inference == "tolerance" and steps and terms is None:  # ran to the cap
+            if tolerance and steps and terms is None:  # ran to the cap
                 terms = self._energy_terms(blocks, states, targets)
-                trace.append(float(terms.sum()))
-                self._converged(steps, previous, trace[-1])
+                previous, current = self._global_energies(
+                    previous, energy_before, terms.sum(), trace
+                )
+                self._converged(steps, previous, current)
         if not final_energy:  # the caller gets it from its own forward pass at the states
             return InferenceResult(
                 states, feedforward, energy_before, energy_before, steps, trace, None, outputs
@@ -379,6 +391,28 @@ class PredictiveCoding(LocalRule):
         return InferenceResult(
             states, feedforward, energy_before, terms.sum(), steps, trace, terms, outputs
         )
+
+    def _global_energies(
+        self, previous: float | None, energy_before: Tensor, current: Tensor, trace: list[float]
+    ) -> tuple[float, float]:
+        """``(F_{t-1}, F_t)`` of the global batch for the tolerance stop; appends to ``trace``.
+
+        ``F`` is a per-sample sum, so the global batch's is ``sum_r F_r`` over the processes
+        of :attr:`process_layout`: exactly one process's ``F`` on the concatenated batch (up
+        to float summation order), the same number on every rank, so every rank stops at the
+        same step. One all-reduce per call, of ``F_t`` (and of ``F_0 = energy_before`` too
+        while ``previous`` is ``None``); in one process (no ``all_reduce_sum``) none.
+        """
+        values = [current] if previous is not None else [energy_before, current]
+        if self.all_reduce_sum is not None:
+            summed = self.all_reduce_sum(torch.stack(values).detach()).tolist()
+        else:
+            summed = [float(v) for v in values]
+        if previous is None:
+            previous = summed[0]
+            trace.append(previous)
+        trace.append(summed[-1])
+        return previous, summed[-1]
 
     def _converged(self, step: int, previous: float, current: float) -> bool:
         """Whether step ``step`` lowered the energy by less than ``tolerance`` (relative).

@@ -19,15 +19,21 @@ The surrogate returned by :meth:`TargetPropagation.training_loss` is that local 
 one optimizer with forward and feedback parameter groups, one all-reduce under DDP.
 With ``feedback_steps = k > 1`` the first ``k - 1`` feedback steps run before the targets are
 built, as feedback-only steps of the same optimizer (:meth:`TargetPropagation.feedback_step`,
-whose gradients are synchronised through :attr:`TargetPropagation.all_reduce_sum`); the k-th
-shares the forward step. So targets always come from the feedback after ``k - 1`` steps on
-this batch, and closed-form feedback is fitted before the targets.
+whose gradients are summed over processes by the rule's ``all_reduce_sum``);
+the k-th shares the forward step. So targets always come from the feedback after ``k - 1``
+steps on this batch, and closed-form feedback is fitted before the targets.
+
+Under data parallelism (:attr:`~lightning_local.rules.base.LocalRule.process_layout`, ``N``
+processes at batch ``B``) the noise ``xi`` is drawn per global sample: every process draws the
+``(NB, ...)`` noise one process at ``NB`` draws and keeps its own rows
+(:meth:`~lightning_local.rules.base.ProcessLayout.global_randn_like`), so ``N`` processes at
+``B`` train exactly like one at ``NB`` and the global batch sees ``NB`` independent noises.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -211,10 +217,9 @@ class TargetPropagation(LocalRule):
             ``noise_std``, ``feedback_steps`` (``k``), ``layer_weights`` (``w_l``) and
             ``compute_bp_angle`` (one extra forward and backward pass).
 
-    Attributes:
-        all_reduce_sum: ``None`` in one process; under DDP a function summing a tensor over
-            processes (in place or not). It syncs the ridge Gram sums and the gradients of
-            :meth:`feedback_step`, one call each.
+    Under data parallelism :attr:`~lightning_local.rules.base.LocalRule.process_layout` sums
+    the ridge Gram sums and the gradients of :meth:`feedback_step` over processes (one call
+    each) and places this process's noise in the global batch's.
     """
 
     name = "tp"
@@ -229,7 +234,6 @@ class TargetPropagation(LocalRule):
         **values: Any,
     ) -> None:
         super().__init__(loss, settings, **values)
-        self.all_reduce_sum: Callable[[Tensor], Tensor] | None = None
 
     def prepare_network(
         self, network: nn.Module, input_shape: Sequence[int] | None = None
@@ -315,12 +319,18 @@ class TargetPropagation(LocalRule):
     ) -> Tensor:
         """``sum_b sum_l 1/2 ||g_l(f_l(h_{l-1} + xi)) - (h_{l-1} + xi)||^2``.
 
-        ``f_l`` runs without grad, so only the feedback parameters get gradients.
+        ``xi ~ N(0, s^2)`` independently per global sample, layer and entry, drawn from the
+        default generator for the whole global batch (this process's rows, see
+        :meth:`~lightning_local.rules.base.ProcessLayout.global_randn_like`; in one process
+        ``s * randn_like(h_{l-1})``). ``f_l`` runs without grad, so only the feedback
+        parameters get gradients.
         """
         total = activations[0].new_zeros(())
+        layout = self.process_layout
         with full_precision(activations[0]):  # the feedback fit: fp32 under mixed precision
             for index, g in enumerate(feedback, start=1):
-                noisy = activations[index] + self.noise_std * torch.randn_like(activations[index])
+                noise = layout.global_randn_like(activations[index])
+                noisy = activations[index] + self.noise_std * noise
                 with torch.no_grad():
                     forward = blocks[index](noisy)
                 total = total + 0.5 * (g(forward) - noisy).pow(2).sum()
