@@ -33,7 +33,8 @@ database) and small. Properties, with the reference each is checked against:
    non-increasing in ``t``. [the energy written out in the test.] ReLU is left out: its
    energy has convex kinks, across which a step of any fixed size can raise it.
 
-A known bug found by property 4 is kept at the end of the file as a strict expected failure.
+Last, the regression test of a bug property 4 found: TP's feedback maps follow the forward
+network's dtype (and device).
 """
 
 from __future__ import annotations
@@ -467,7 +468,6 @@ def test_every_rule_and_schedule_steps_on_random_networks(
 
     run = wire(net, rule, parametrization, optimizer=optimizer, width_factory=factory,
                base_width=8)
-    run.network.to(dtype)  # TP feedback maps: see test_feedback_maps_follow_the_network_dtype
     x, y = problem.data(dtype)
     torch.manual_seed(problem.seed)  # noisy feedback draws from the global stream
     result = run.rule.step(run.network, x, y, run.build_optimizer(lr=0.01))
@@ -528,13 +528,9 @@ def test_schedules_are_valid_settings(name):
     get_rule_class(family)(**rule_settings)
 
 
-# Known bug, kept as a strict expected failure (remove the marker once fixed): the feedback
-# maps of target propagation are built in the default dtype (float32) and on the default
-# device, whatever the forward network's, so ``wire`` / ``build_network`` on a float64 network
-# gives a TPNetwork whose first step fails with "expected m1 and m2 to have the same dtype"
-# (and ``build_network`` on a float64 CNN fails already in its shape probe). The properties
-# above convert the TPNetwork with ``.to(dtype)`` to go on.
-@pytest.mark.xfail(strict=True, reason="TP feedback maps ignore the network's dtype")
+# Found by property 4: the feedback maps of target propagation were built in the default
+# dtype (float32) whatever the forward network's, so a float64 network's first TP step failed
+# with "expected m1 and m2 to have the same dtype" (and a float64 CNN in its shape probe).
 @pytest.mark.parametrize("training", ["ridge", "noisy"])
 def test_feedback_maps_follow_the_network_dtype(training):
     problem = Problem(in_features=3, widths=[4, 4], classes=2, activation="tanh", bias=True,
@@ -545,3 +541,11 @@ def test_feedback_maps_follow_the_network_dtype(training):
     assert {p.dtype for p in run.network.parameters()} == {torch.float64}
     x, y = problem.data(torch.float64)
     run.rule.step(run.network, x, y, run.build_optimizer(lr=0.1))
+
+
+def test_conv_feedback_maps_follow_the_network_dtype():
+    from lightning_local.models import CNN
+
+    network = TargetPropagation(feedback_training="noisy").build_network(
+        CNN(image_size=8, width=4).double())
+    assert {p.dtype for p in network.parameters()} == {torch.float64}

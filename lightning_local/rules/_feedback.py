@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -97,11 +97,17 @@ def _linear_feedback(block: nn.Module, in_shape: tuple, out_shape: tuple) -> nn.
         return None
     if (not rest and len(linears) != 1) or len(out_shape) != 1:
         return None
-    linear = nn.Linear(out_shape[0], math.prod(in_shape), bias=False)
+    linear = nn.Linear(out_shape[0], math.prod(in_shape), bias=False, **_like(block))
     gaussian_init_(linear)
     if len(in_shape) == 1:
         return linear
     return nn.Sequential(linear, nn.Unflatten(1, in_shape))
+
+
+def _like(block: nn.Module) -> dict[str, Any]:
+    """``device`` and ``dtype`` of the block's parameters: its feedback map is made alike."""
+    parameter = next(block.parameters(), None)
+    return {} if parameter is None else {"device": parameter.device, "dtype": parameter.dtype}
 
 
 def _one_linear_inside(block: nn.Module) -> bool:
@@ -126,7 +132,8 @@ def _conv_feedback(block: nn.Module, in_shape: tuple, out_shape: tuple) -> nn.Mo
     else:
         padding = tuple(conv.padding)
     upsample = nn.Upsample(size=tuple(in_shape[1:]), mode="nearest")
-    resize = nn.Conv2d(out_shape[0], in_shape[0], conv.kernel_size, padding=padding, bias=False)
+    resize = nn.Conv2d(out_shape[0], in_shape[0], conv.kernel_size, padding=padding, bias=False,
+                       **_like(block))
     gaussian_init_(resize)
     feedback = nn.Sequential(upsample, resize)
     probe = feedback(torch.zeros(1, *out_shape, device=conv.weight.device, dtype=conv.weight.dtype))
