@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_local.errors import LocalLearningError, ShapeMismatchError, UnsupportedNetworkError
 from lightning_local.rules import Backprop, PredictiveCoding, TargetPropagation
+from lightning_local.wiring import wire
 
 RULES = {
     "bp": Backprop,
@@ -110,15 +111,23 @@ def test_blocks_the_rules_cannot_call_are_refused_naming_block_and_fix(name, mak
     assert block in str(info.value)
 
 
-def test_an_embedding_at_the_input_trains_under_backprop():
+@pytest.mark.parametrize("rule", [Backprop(), PredictiveCoding(),
+                                  PredictiveCoding(inference="simultaneous", inference_steps=4),
+                                  TargetPropagation(variant="dtp")],
+                         ids=["bp", "pc-si", "pc-sim", "dtp"])
+def test_an_embedding_at_the_input_trains_under_every_rule(rule):
+    """Token indices into an embedding as the first layer: the data are fixed, so no rule
+    needs a gradient with respect to them [the loss falls, the embedding moves]."""
     torch.manual_seed(0)
     network = nn.Sequential(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Tanh()),
-                            nn.Linear(20, 3))
+                            nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 3))
+    run = wire(network, rule, "sp", input_shape=(5,))
     tokens = torch.randint(0, 10, (8, 5))
     labels = torch.randint(0, 3, (8,))
-    optimizer = torch.optim.SGD(network.parameters(), lr=0.5)
+    optimizer = run.build_optimizer(lr=0.5)
     before = network[0][0].weight.detach().clone()
-    losses = [float(Backprop().step(network, tokens, labels, optimizer).loss) for _ in range(5)]
+    losses = [float(run.rule.step(run.network, tokens, labels, optimizer).loss)
+              for _ in range(8)]
     assert losses[-1] < losses[0] and not torch.equal(network[0][0].weight, before)
 
 

@@ -63,17 +63,21 @@ def _trailing_activation(block: nn.Module) -> nn.Module | None:
 @torch.no_grad()
 def _block_shapes(blocks: Sequence[nn.Module], input_shape: Sequence[int] | None) -> list[tuple]:
     """Per-sample shapes ``[S_0, ..., S_L]`` of ``h_0 .. h_L`` from a batch-1 forward pass."""
+    first = _layers(blocks[0])[0]
     if input_shape is None:
-        first = _layers(blocks[0])[0]
         if not isinstance(first, nn.Linear):
+            example = "(5,) for 5 token indices" if isinstance(first, nn.Embedding) else (
+                "(1, 28, 28)")
             raise UnsupportedNetworkError(
                 f"cannot infer the input shape of a network starting with "
-                f"{type(first).__name__}. Fix: pass input_shape (per sample, e.g. (1, 28, 28))."
+                f"{type(first).__name__}. Fix: pass input_shape (per sample, e.g. {example})."
             )
         input_shape = (first.in_features,)
     parameter = next(iter(nn.ModuleList(blocks).parameters()), None)
     device = parameter.device if parameter is not None else None
     dtype = parameter.dtype if parameter is not None else None
+    if isinstance(first, nn.Embedding):  # it takes indices: probe with index 0
+        dtype = torch.long
     h = torch.zeros(1, *input_shape, device=device, dtype=dtype)
     shapes = [tuple(h.shape[1:])]
     modes = [(m, m.training) for block in blocks for m in block.modules()]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_local.errors import UnsupportedNetworkError
 from lightning_local.network import compiled_original, tensor_output
 
 __all__ = ["Linearization", "linearize", "supports_fast_path"]
@@ -91,6 +92,17 @@ def _linearize_affine(
 
 
 def _linearize_autograd(block: nn.Module, x: Tensor) -> Linearization:
+    if not torch.is_floating_point(x):  # integer inputs (an embedding's indices): no pullback
+        with torch.no_grad():
+            output = tensor_output(block(x), block)
+
+        def no_pullback(v: Tensor) -> Tensor:
+            raise UnsupportedNetworkError(
+                f"{type(block).__name__} takes integer inputs, which have no gradient: only the "
+                "first block, whose input is the data, may take them."
+            )
+
+        return Linearization(output, no_pullback)
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         output = tensor_output(block(leaf), block)
