@@ -71,19 +71,21 @@ class SaveRankResults(L.Callback):
     def __init__(self, out: Path, tag: str, counter: AllReduceCounter | None) -> None:
         self.out, self.tag, self.counter = out, tag, counter
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: LocalLearningModule) -> None:
+    def results(self, trainer: L.Trainer, pl_module: LocalLearningModule) -> dict:
+        """What the file holds: rank, weights, all-reduces per step and the epoch loss."""
         network = pl_module.network_for_rule()
         loss = trainer.callback_metrics.get("train/loss_epoch")
-        torch.save(
-            {
-                "rank": trainer.global_rank,
-                "world_size": trainer.world_size,
-                "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-                "all_reduces": [vars(s) for s in self.counter.steps] if self.counter else [],
-                "loss_epoch": None if loss is None else float(loss),
-            },
-            self.out / f"{self.tag}_rank{trainer.global_rank}.pt",
-        )
+        return {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+            "all_reduces": [vars(s) for s in self.counter.steps] if self.counter else [],
+            "loss_epoch": None if loss is None else float(loss),
+        }
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: LocalLearningModule) -> None:
+        torch.save(self.results(trainer, pl_module),
+                   self.out / f"{self.tag}_rank{trainer.global_rank}.pt")
 
 
 def load_data(name: str, samples: int, seed: int) -> TensorDataset:

@@ -95,6 +95,15 @@ def sum_across_processes(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def _replicas_and_rank(trainer: L.Trainer | None) -> tuple[int, int]:
+    """World size and global rank: the trainer's, else ``torch.distributed``'s, else (1, 0)."""
+    if trainer is not None:
+        return trainer.world_size, trainer.global_rank
+    if _world_size() > 1:
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 def process_layout(trainer: L.Trainer | None = None) -> ProcessLayout:
     """The :class:`~lightning_local.rules.base.ProcessLayout` of this process, for
     ``rule.process_layout``.
@@ -104,12 +113,7 @@ def process_layout(trainer: L.Trainer | None = None) -> ProcessLayout:
     processes. Together with :func:`global_batch_sampler` (the same ranks), rank ``r`` of ``N``
     holds global samples ``r, r + N, ..`` of each batch.
     """
-    if trainer is not None:
-        replicas, rank = trainer.world_size, trainer.global_rank
-    elif _world_size() > 1:
-        replicas, rank = dist.get_world_size(), dist.get_rank()
-    else:
-        replicas, rank = 1, 0
+    replicas, rank = _replicas_and_rank(trainer)
     reduce = sum_across_processes if replicas > 1 else None
     return ProcessLayout(rank=rank, world_size=replicas, all_reduce_sum=reduce)
 
@@ -132,12 +136,7 @@ def global_batch_sampler(
     a ``DistributedSampler`` it is given and calls its ``set_epoch``; its own automatic one
     reshuffles with another order than a single process's ``shuffle=True`` loader.
     """
-    if trainer is not None:
-        replicas, rank = trainer.world_size, trainer.global_rank
-    elif _world_size() > 1:
-        replicas, rank = dist.get_world_size(), dist.get_rank()
-    else:
-        replicas, rank = 1, 0
+    replicas, rank = _replicas_and_rank(trainer)
     return DistributedSampler(
         dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
     )

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from lightning_local.callbacks import LocalUpdateAlignment
 from lightning_local.distributed import AllReduceCounter, LocalDDPStrategy
@@ -80,33 +79,25 @@ def build_module(case: str, width: int, lr: float) -> LocalLearningModule:
     return MODULES[rule](network, parametrization="mup", base_width=16, lr=lr, **settings)
 
 
-class SaveResults(L.Callback):
-    """Write this process's weights, all-reduce counts, epoch loss and PC's inference steps
-    per training step to ``out/<case>_rank<r>.pt`` at the end of training."""
+def saving_callback(out: Path, case: str, counter: AllReduceCounter | None) -> L.Callback:
+    """The example's ``SaveRankResults`` for ``out/<case>_rank<r>.pt``, which also records
+    PC's inference steps per training step."""
 
-    def __init__(self, out: Path, case: str, counter: AllReduceCounter | None) -> None:
-        self.out, self.case, self.counter = out, case, counter
-        self.inference_steps: list[int] = []
+    class SaveResults(example().SaveRankResults):
+        def __init__(self) -> None:
+            super().__init__(out, case, counter)
+            self.inference_steps: list[int] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        value = trainer.callback_metrics.get("train/inference_steps")
-        if value is not None:
-            self.inference_steps.append(int(value))
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            value = trainer.callback_metrics.get("train/inference_steps")
+            if value is not None:
+                self.inference_steps.append(int(value))
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: LocalLearningModule) -> None:
-        network = pl_module.network_for_rule()
-        loss = trainer.callback_metrics.get("train/loss_epoch")
-        torch.save(
-            {
-                "rank": trainer.global_rank,
-                "world_size": trainer.world_size,
-                "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-                "all_reduces": [vars(s) for s in self.counter.steps] if self.counter else [],
-                "loss_epoch": None if loss is None else float(loss),
-                "inference_steps": self.inference_steps,
-            },
-            self.out / f"{self.case}_rank{trainer.global_rank}.pt",
-        )
+        def results(self, trainer: L.Trainer, pl_module: LocalLearningModule) -> dict:
+            return {**super().results(trainer, pl_module),
+                    "inference_steps": self.inference_steps}
+
+    return SaveResults()
 
 
 def train(args: argparse.Namespace, case: str, data: Any) -> None:
@@ -119,7 +110,7 @@ def train(args: argparse.Namespace, case: str, data: Any) -> None:
     counter = AllReduceCounter() if args.devices > 1 else None
     strategy = "auto" if counter is None else LocalDDPStrategy(ddp_comm_hook=counter)
     callbacks: list[L.Callback] = [] if counter is None else [counter]
-    callbacks.append(SaveResults(args.out, case, counter))
+    callbacks.append(saving_callback(args.out, case, counter))
     if args.alignment_every:
         callbacks.append(LocalUpdateAlignment(every_n_steps=args.alignment_every))
     trainer = L.Trainer(
