@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     )
     from lightning_local.loggers import log_figure, make_wandb_logger
     from lightning_local.losses import OutputLoss
-    from lightning_local.models import CNN, MLP, WidthBuilder
+    from lightning_local.models import CNN, MLP, CNN1d, WidthBuilder
     from lightning_local.modules import (
         AtomicCheckpointIO,
         BackpropModule,
@@ -101,6 +101,7 @@ _EXPORTS: dict[str, str] = {
     "BackpropModule": "lightning_local.modules",
     "CIFAR10DataModule": "lightning_local.data",
     "CNN": "lightning_local.models",
+    "CNN1d": "lightning_local.models",
     "CheckpointError": "lightning_local.errors",
     "CoordCheckCallback": "lightning_local.callbacks",
     "CoordCheckResult": "lightning_local.coord_check",
@@ -166,6 +167,7 @@ __all__ = [
     "BackpropModule",
     "CIFAR10DataModule",
     "CNN",
+    "CNN1d",
     "CheckpointError",
     "CoordCheckCallback",
     "CoordCheckResult",

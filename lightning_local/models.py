@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_local.errors import LocalLearningError
 
-__all__ = ["MLP", "CNN", "WidthBuilder", "activation_module", "gaussian_init_"]
+__all__ = ["MLP", "CNN", "CNN1d", "WidthBuilder", "activation_module", "gaussian_init_"]
 
 _ACTIVATIONS = {
     "tanh": nn.Tanh,
@@ -159,6 +159,71 @@ class CNN(WidthBuilder):
             width=width,
             num_classes=num_classes,
             conv_layers=conv_layers,
+            activation=activation,
+            bias=bias,
+            sigma=sigma,
+        )
+        gaussian_init_(self, sigma)
+
+
+class CNN1d(WidthBuilder):
+    """A 1-D CNN whose width is its channel count ``M``, for sequences such as MNIST-1D.
+
+    Blocks: ``conv_layers`` times ``[Conv1d(c, M, kernel_size, padding=kernel_size // 2), act,
+    AvgPool1d(2)]`` (the first maps the input's channels, and takes flat ``(batch, length)``
+    inputs through ``Unflatten`` when ``in_channels == 1``), then ``[Flatten, Linear(M * s,
+    C)]`` as readout, where ``s`` is the length after pooling. MNIST-1D was designed for
+    1-D convolutions: ``CNN1d(length=40)`` is its tanh CNN.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        length: int = 40,
+        width: int = 32,
+        num_classes: int = 10,
+        conv_layers: int = 2,
+        kernel_size: int = 5,
+        activation: str = "tanh",
+        bias: bool = True,
+        sigma: float = 1.0,
+    ) -> None:
+        if conv_layers < 1:
+            raise LocalLearningError("a CNN1d needs at least one convolutional block.")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise LocalLearningError(
+                f"kernel_size must be odd and positive (the length is kept before pooling), "
+                f"got {kernel_size}. Fix: e.g. kernel_size=5."
+            )
+        if length < 2**conv_layers:
+            raise LocalLearningError(
+                f"length {length} is too short for {conv_layers} pooled conv blocks. Fix: use "
+                f"at most {max(1, int(math.log2(max(length, 1))))} conv_layers."
+            )
+        if width < 1 or in_channels < 1 or num_classes < 1:
+            raise LocalLearningError("in_channels, width and num_classes must be positive.")
+        size, channels = length, in_channels
+        blocks: list[nn.Module] = []
+        for index in range(conv_layers):
+            layers: list[nn.Module] = []
+            if index == 0 and in_channels == 1:
+                layers.append(nn.Unflatten(1, (1, length)))
+            layers += [
+                nn.Conv1d(channels, width, kernel_size, padding=kernel_size // 2, bias=bias),
+                activation_module(activation),
+                nn.AvgPool1d(2),
+            ]
+            blocks.append(nn.Sequential(*layers))
+            channels, size = width, size // 2
+        blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(width * size, num_classes, bias=bias)))
+        super().__init__(*blocks)
+        self.config = dict(
+            in_channels=in_channels,
+            length=length,
+            width=width,
+            num_classes=num_classes,
+            conv_layers=conv_layers,
+            kernel_size=kernel_size,
             activation=activation,
             bias=bias,
             sigma=sigma,
