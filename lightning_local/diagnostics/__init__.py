@@ -10,7 +10,9 @@ One concept per module:
 - :mod:`.coord_check`: the coordinate check across widths, its result and the
   ``lightning-local coord-check`` command;
 - :mod:`.deep_linear`: predictive coding's equilibrium of deep linear networks in closed form;
-- :mod:`.plots`: the transfer and coordinate-check figures;
+- :mod:`.layer_learning`: whether every layer learns (relative weight updates and feature
+  changes per layer, their slope against depth) and its callback;
+- :mod:`.plots`: the transfer, coordinate-check and layer-learning figures;
 - :mod:`.loggers`: Weights & Biases helpers (offline runs, figures and tables);
 - :mod:`.callbacks`: the Lightning callbacks (coordinate check during training, alignment
   with backprop, the run's configuration).
@@ -54,6 +56,10 @@ if TYPE_CHECKING:
         pc_gradients,
         pc_gram_matrix,
     )
+    from lightning_local.diagnostics.layer_learning import (
+        LayerLearningCallback,
+        depth_slopes,
+    )
     from lightning_local.diagnostics.loggers import (
         add_wandb_arguments,
         command_wandb_run,
@@ -70,7 +76,11 @@ if TYPE_CHECKING:
         tp_rms,
         weight_update_rms,
     )
-    from lightning_local.diagnostics.plots import plot_coord_check, plot_transfer
+    from lightning_local.diagnostics.plots import (
+        plot_coord_check,
+        plot_layer_learning,
+        plot_transfer,
+    )
 
 _MODULES: dict[str, tuple[str, ...]] = {
     "alignment": ("update_alignment",),
@@ -92,7 +102,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "measures": (
         "fit_slope", "forward_rms", "pc_rms", "rms", "snapshot", "tp_rms", "weight_update_rms",
     ),
-    "plots": ("plot_coord_check", "plot_transfer"),
+    "layer_learning": ("LayerLearningCallback", "depth_slopes"),
+    "plots": ("plot_coord_check", "plot_layer_learning", "plot_transfer"),
 }
 
 _EXPORTS: dict[str, str] = {
@@ -103,6 +114,7 @@ __all__ = [
     "BestLR",
     "CoordCheckCallback",
     "CoordCheckResult",
+    "LayerLearningCallback",
     "LinearEquilibrium",
     "LocalUpdateAlignment",
     "LogRunConfig",
@@ -114,6 +126,7 @@ __all__ = [
     "best_learning_rates",
     "command_wandb_run",
     "compare_updates",
+    "depth_slopes",
     "fit_slope",
     "forward_rms",
     "gd_gradients",
@@ -130,6 +143,7 @@ __all__ = [
     "pc_gram_matrix",
     "pc_rms",
     "plot_coord_check",
+    "plot_layer_learning",
     "plot_transfer",
     "rms",
     "run_config",

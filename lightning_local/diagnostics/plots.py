@@ -24,6 +24,7 @@ from PIL import Image
 
 from lightning_local._atomic import atomic_write_bytes
 from lightning_local.diagnostics.best_lr import METRICS, best_learning_rates
+from lightning_local.errors import LocalLearningError
 
 __all__ = ["plot_transfer", "plot_coord_check"]
 
@@ -155,3 +156,40 @@ def plot_coord_check(
     figure.tight_layout()
     return _save(figure, path)
 
+
+
+def plot_layer_learning(
+    history: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    title: str = "",
+) -> Path:
+    """Write the per-layer learning figure of a
+    :class:`~lightning_local.diagnostics.layer_learning.LayerLearningCallback` history to
+    ``path``: for each quantity, every layer's value against the step (log scale)."""
+    from lightning_local.diagnostics.layer_learning import QUANTITIES
+
+    if not history:
+        raise LocalLearningError(
+            "the layer-learning history is empty. Fix: train for at least every_n_steps steps "
+            "with the callback attached."
+        )
+    figure = Figure(figsize=(3.3 * len(QUANTITIES), 2.9))
+    axes = figure.subplots(1, len(QUANTITIES), squeeze=False)[0]
+    depth = len(history[0][QUANTITIES[0]])
+    cmap = colormaps["plasma"]
+    steps = [entry["step"] for entry in history]
+    for ax, quantity in zip(axes, QUANTITIES):
+        for layer in range(depth):
+            values = [entry[quantity][layer] for entry in history]
+            color = cmap(0.85 * layer / max(depth - 1, 1))
+            label = f"layer {layer + 1}" if depth <= 8 or layer in (0, depth - 1) else None
+            ax.plot(steps, values, "-", color=color, lw=1.2, label=label)
+        ax.set_yscale("log")
+        ax.set_title(quantity.replace("_", " "), fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best")
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
