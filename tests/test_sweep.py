@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from _wandb_run import offline_wandb, read_run
+import yaml
+from _wandb_run import offline_wandb
+from _wandb_run import records as wandb_records
 
 from lightning_local import cli
 from lightning_local.errors import LocalLearningError
@@ -30,22 +32,14 @@ from lightning_local.sweeps import (
     sweep,
 )
 from lightning_local.sweeps.results import RECORD_FIELDS, append_result, repair_results
+from tests._sweep_fixtures import tiny_config, with_data
 
 
 @pytest.fixture
 def tmp_path(tmp_path, data_dir):
-    tmp_path.joinpath("data").symlink_to(data_dir)
-    return tmp_path
+    return with_data(tmp_path, data_dir)
 
-
-def _config(tmp_path, **overrides) -> SweepConfig:
-    settings = dict(
-        rules=["bp"], parametrizations=["sp", "mup"], widths=[8, 16], lrs=[0.05, 0.1],
-        seeds=[0], steps=3, num_samples=200, batch_size=32, base_width=8,
-        data_dir=str(tmp_path / "data"),
-    )
-    settings.update(overrides)
-    return SweepConfig(**settings)
+_config = tiny_config
 
 
 def test_records_follow_the_schema_and_cover_the_grid(tmp_path):
@@ -155,6 +149,48 @@ def test_diverging_runs_are_recorded_and_the_sweep_goes_on(
     assert not by_lr[0.05]["diverged"] and not by_lr[0.1]["diverged"]
     best = best_learning_rates(result.records)
     assert best[0].lr in (0.05, 0.1) and best[0].scores[huge] == math.inf
+
+
+def test_a_trial_that_raises_is_recorded_as_failed_and_the_others_finish(tmp_path, capsys):
+    """Every width-16 trial raises (a bug in the model, say): the width-8 trials finish, the
+    failed ones are recorded with their error, left out of the tables, and run again on
+    resume unless ``--no-retry-failed``."""
+    model = {"class_path": "_sweep_models.TrappedNet", "init_args": {"traps": {16: "raise"}}}
+    config = _config(tmp_path, model=model)
+    result = sweep(config, tmp_path / "out", plot=True, log=None)
+    assert result.executed == 8
+    assert [(r["width"], r["status"]) for r in result.records] == [(8, "ok")] * 4
+    assert len(result.failed) == 4
+    for record in result.failed:
+        assert record["width"] == 16 and record["diverged"] is False
+        assert record["error"] == "RuntimeError: injected failure at width 16"
+        assert record["train_loss"] is None and "raise RuntimeError" in record["traceback"]
+        for name, kind in RECORD_FIELDS.items():
+            assert isinstance(record[name], kind), (name, record[name])
+    assert [b.width for b in result.best] == [8, 8]  # failed runs are no data point
+    assert "4 run(s) failed" in result.table_path.read_text()
+    assert result.plot_path.exists()
+    again = sweep(config, tmp_path / "out", plot=False, log=None)
+    assert (again.executed, again.skipped, len(again.failed)) == (4, 4, 4)
+    kept = sweep(config, tmp_path / "out", plot=False, log=None, retry_failed=False)
+    assert (kept.executed, kept.skipped) == (0, 8)
+    assert len(read_results(tmp_path / "out" / "results.jsonl")) == 12  # 8 + 4 retried
+    args = ["--config", str(_yaml(tmp_path, model)), "--output", str(tmp_path / "out"),
+            "--quiet", "--no-plot"]
+    capsys.readouterr()
+    assert cli.main(["sweep", *args, "--no-retry-failed"]) == 0
+    assert "0 runs trained, 8 skipped (already finished), 4 failed" in capsys.readouterr().err
+
+
+def _yaml(tmp_path, model) -> Path:
+    """The grid of :func:`_config` as a ``--config`` file with ``model``."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(dict(
+        model=model, rules=["bp"], parametrizations=["sp", "mup"], widths=[8, 16],
+        lrs=[0.05, 0.1], seeds=[0], steps=3, num_samples=200, batch_size=32, base_width=8,
+        data_dir=str(tmp_path / "data"),
+    )))
+    return path
 
 
 def _record(rule, param, width, lr, loss, seed=0, acc=None):
@@ -272,7 +308,27 @@ def test_command_line(tmp_path, capsys):
     assert cli.main(["sweep", "--rules", "nope", "--output", str(tmp_path / "x")]) == 2
 
 
-def test_wandb_flag_writes_an_offline_run_with_the_figure_table_and_arguments(
+def _offline_runs(out: Path) -> dict[str, tuple[Path, object, dict, list[dict]]]:
+    """Each offline W&B run in ``out/wandb`` by display name: its folder, its run record
+    (group, job type), its config (last value per key) and its history rows."""
+    runs = {}
+    for path in out.glob("wandb/offline-run-*/run-*.wandb"):
+        run, config, history = None, {}, []
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            updates = {"config": record.config, "run": record.run.config}.get(kind)
+            if kind == "run":
+                run = record.run
+            if updates is not None:
+                config.update({i.key: json.loads(i.value_json) for i in updates.update})
+            elif kind == "history":
+                history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.history.item})
+        runs[run.display_name] = (path.parent, run, config, history)
+    return runs
+
+
+def test_wandb_flag_writes_a_run_per_trial_and_the_sweeps_figure_table_and_arguments(
     tmp_path, capsys, monkeypatch
 ):
     offline_wandb(tmp_path, monkeypatch)
@@ -282,10 +338,13 @@ def test_wandb_flag_writes_an_offline_run_with_the_figure_table_and_arguments(
             "--base-width", "8", "--data-dir", str(tmp_path / "data"), "--output", str(out),
             "--quiet", "--wandb", "--wandb-project", "test"]
     assert cli.main(["sweep", *args]) == 0
-    wandb.teardown()  # stops the wandb service, which writes the run file to its end
-    (run_dir,) = out.glob("wandb/offline-run-*")
+    wandb.teardown()  # stops the wandb service, which writes the run files to their end
+    runs = _offline_runs(out)
+    assert len(runs) == 1 + 4  # the sweep's run and one per trial, all in the sweep's group
+    assert {run.run_group for _, run, _, _ in runs.values()} == {"sweep-out"}
+    run_dir, run, config, history = runs["sweep-out"]
+    assert run.job_type == "sweep"
     assert f"wandb sync {run_dir}" in capsys.readouterr().err
-    config, history = read_run(out)
     assert config["arguments"]["widths"] == [8, 16] and config["arguments"]["wandb"] is True
     assert config["lrs"] == [0.05, 0.1] and config["metric"] == "train_loss"
     # the image is transfer.png itself
@@ -296,7 +355,18 @@ def test_wandb_flag_writes_an_offline_run_with_the_figure_table_and_arguments(
     (table,) = [row for row in history if row.get("tables/best_lr/_type") == "table-file"]
     saved = json.loads((run_dir / "files" / table["tables/best_lr/path"]).read_text())
     rows = [dict(zip(saved["columns"], row)) for row in saved["data"]]
-    best = best_learning_rates(read_results(out / "results.jsonl"))
+    results = read_results(out / "results.jsonl")
+    best = best_learning_rates(results)
     assert [(r["rule"], r["parametrization"], r["width"], r["lr"]) for r in rows] == [
         (b.rule, b.parametrization, b.width, b.lr) for b in best
     ]
+    # each trial's run: its settings (run key included) and its loss per epoch
+    trials = {config["key"]: (run, history) for _, run, config, history in runs.values()
+              if run.job_type == "trial"}
+    assert set(trials) == {r["key"] for r in results}
+    for record in results:
+        run, history = trials[record["key"]]
+        assert run.display_name == (f"bp mup w={record['width']} "
+                                    f"lr=2^{math.log2(record['lr']):g} s=0")
+        losses = [row["train/loss_epoch"] for row in history if "train/loss_epoch" in row]
+        assert losses == pytest.approx(record["epoch_train_loss"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -125,18 +125,26 @@ def add_wandb_arguments(parser: argparse.ArgumentParser) -> None:
 
 @contextmanager
 def command_wandb_run(
-    args: argparse.Namespace, name: str, save_dir: str | os.PathLike[str]
+    args: argparse.Namespace,
+    name: str,
+    save_dir: str | os.PathLike[str],
+    *,
+    sync_hint: Callable[[Path], str] | None = None,
+    **logger_options: Any,
 ) -> Iterator[list[Logger] | None]:
     """An offline W&B run for a command parsed with :func:`add_wandb_arguments`.
 
     Yields ``None`` without ``--wandb``; otherwise ``[logger]`` with the command's arguments
     already in its config (key ``arguments``). On exit the run is finished and its folder and
-    the ``wandb sync`` command that uploads it are printed to stderr.
+    the ``wandb sync`` command that uploads it are printed to stderr (plus ``sync_hint`` of the
+    run folder, when given). ``logger_options`` go to :func:`make_wandb_logger` (``mode``,
+    ``group``, ``job_type``, ...).
     """
     if not args.wandb:
         yield None
         return
-    logger = make_wandb_logger(args.wandb_project, name=name, save_dir=save_dir)
+    logger = make_wandb_logger(args.wandb_project, name=name, save_dir=save_dir,
+                               **logger_options)
     logger.log_hyperparams({"arguments": vars(args)})
     try:
         yield [logger]
@@ -145,5 +153,6 @@ def command_wandb_run(
         folder = Path(run.dir).parent
         run.finish()
         if run.offline:
-            print(f"W&B offline run: {folder}\nupload it with: wandb sync {folder}",
+            extra = f"\n{sync_hint(folder)}" if sync_hint is not None else ""
+            print(f"W&B offline run: {folder}\nupload it with: wandb sync {folder}{extra}",
                   file=sys.stderr)

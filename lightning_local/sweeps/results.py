@@ -5,6 +5,14 @@ extra fields). Each run has a *key*, a hash of everything that defines it (rule 
 hyperparameters, parametrization, width, lr, seed, budget, data set, model, batch size), so a
 rerun of the same sweep skips the runs whose key is already in the file.
 
+A record's ``status`` is ``"ok"``, ``"diverged"`` (``diverged = true``: a finished run whose
+metrics are ``None``) or ``"failed"``: the trial raised for another reason, or its worker was
+lost more often than the retries allow; ``error`` then holds ``"<type>: <message>"``
+(:func:`record_status` reads records written before ``status`` existed). Failed runs are no
+data point: they stay out of the best-lr tables and are run again on resume. A sweep folder
+may hold several results files, one per shard (:mod:`lightning_local.sweeps.shards`):
+:func:`load_results` merges them, one record per run key.
+
 Lines are appended one at a time (``O_APPEND``, flushed and ``fsync``-ed); a run interrupted
 while writing leaves at most a truncated last line, which :func:`read_results` ignores and
 :func:`repair_results` cuts off (an atomic rewrite) before the next append.
@@ -24,19 +32,24 @@ import math
 import os
 import stat
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning_local._atomic import atomic_write_bytes
 from lightning_local.diagnostics.best_lr import METRICS, BestLR, best_learning_rates
 from lightning_local.errors import LocalLearningError
+from lightning_local.sweeps.shards import result_files
 
 __all__ = [
     "RECORD_FIELDS",
     "METRICS",
+    "STATUSES",
     "run_key",
+    "record_status",
     "read_results",
+    "merge_records",
+    "load_results",
     "repair_results",
     "append_result",
     "BestLR",
@@ -57,9 +70,14 @@ RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "test_loss": (float, type(None)),
     "test_acc": (float, type(None)),
     "diverged": bool,
+    "status": str,
     "seconds": float,
 }
-"""Fields every record has, with their JSON types (``None`` for a diverged run's metrics)."""
+"""Fields every record has, with their JSON types (``None`` for a diverged or failed run's
+metrics)."""
+
+STATUSES = ("ok", "diverged", "failed")
+"""The values of a record's ``status``."""
 
 
 def run_key(spec: Mapping[str, Any]) -> str:
@@ -98,6 +116,45 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             stacklevel=2,
         )
     return records
+
+
+def record_status(record: Mapping[str, Any]) -> str:
+    """``"ok"``, ``"diverged"`` or ``"failed"`` (records without ``status``: from ``diverged``)."""
+    status = record.get("status")
+    if status in STATUSES:
+        return str(status)
+    return "diverged" if record.get("diverged") else "ok"
+
+
+def merge_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One record per run key, in the order keys first appear: the last finished (``ok`` or
+    ``diverged``) record of a key, else its last failed one. Records without a key are kept."""
+    chosen: dict[Any, dict[str, Any]] = {}
+    loose = 0
+    for record in records:
+        key = record.get("key")
+        if key is None:
+            chosen[("no key", loose)] = dict(record)
+            loose += 1
+            continue
+        previous = chosen.get(key)
+        if (previous is None or record_status(record) != "failed"
+                or record_status(previous) == "failed"):
+            chosen[key] = dict(record)
+    return list(chosen.values())
+
+
+def load_results(
+    folder: str | os.PathLike[str], *, include_failed: bool = False
+) -> list[dict[str, Any]]:
+    """The records of a sweep folder: ``results.jsonl`` and every shard's file, merged by run
+    key (:func:`merge_records`); failed runs only with ``include_failed``."""
+    records = merge_records(
+        record for path in result_files(folder) for record in read_results(path)
+    )
+    if include_failed:
+        return records
+    return [record for record in records if record_status(record) != "failed"]
 
 
 def repair_results(path: str | os.PathLike[str]) -> None:

@@ -1,60 +1,58 @@
 """The width x learning-rate sweep: train every (rule, parametrization, width, lr, seed) run.
 
-Each run is plain PyTorch: the data set sits in memory, minibatches come from a permutation
-drawn by a generator seeded with the run's seed, and the rule steps the network
-(:meth:`~lightning_local.rules.base.LocalRule.step`). A run *diverges* when the rule reports a
-non-finite energy or loss (:class:`~lightning_local.errors.NonFiniteEnergyError`), a linear
-solve fails on non-finite features, or a batch loss exceeds ``divergence_factor`` times the
-first batch's; it is recorded with ``diverged = true`` and the sweep goes on.
+:func:`sweep` is the driver. It expands the grid (:meth:`SweepConfig.run_specs`), takes this
+command's share of it (``shard``, :mod:`lightning_local.sweeps.shards`), drops the runs
+already finished in any results file of the output folder (resume by run key), and hands the
+rest to a backend (:mod:`lightning_local.sweeps.backends`: this process, local processes, or
+Ray tasks). Each trial is trained by :func:`~lightning_local.sweeps.training.train_run` (plain
+PyTorch, seeded data order, divergence recorded) inside
+:func:`~lightning_local.sweeps.trials.run_trial` (any other exception: a failed record).
 
-After training, the final loss and accuracy are measured on the whole training and test sets
-with the feedforward pass. Results go to ``<output>/results.jsonl`` as each run finishes, so an
-interrupted sweep resumes where it stopped when the same command runs again.
+The driver is the only writer of its results file (``<output>/results.jsonl``, or the shard's
+``results.shard-<i>-of-<n>.jsonl``): it appends each record as one line, flushed and
+``fsync``-ed, as the trial finishes, so a killed sweep loses only the trials in flight, and
+rerunning the same command runs only the unfinished trials (and the failed ones, unless
+``retry_failed=False``). The tables (``best_lr.md``) and ``transfer.png`` are written from
+every results file of the folder, merged, without the failed runs.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
-
 from lightning_local._atomic import atomic_write_text
-from lightning_local.errors import LocalLearningError, NonFiniteEnergyError
-from lightning_local.rules.base import LocalRule
+from lightning_local.errors import LocalLearningError
+from lightning_local.sweeps.backends import Backend, make_backend
 from lightning_local.sweeps.components import DataSpec, ModelSpec
-from lightning_local.sweeps.experiment import (
-    Experiment,
-    build_experiment,
-    load_dataset,
-    make_parametrization,
-    parse_variant,
-)
+from lightning_local.sweeps.experiment import make_parametrization, parse_variant
 from lightning_local.sweeps.results import (
     BestLR,
     append_result,
     best_learning_rates,
     format_best_lr_table,
     format_wider_is_better_table,
+    merge_records,
     read_results,
+    record_status,
     repair_results,
     run_key,
 )
+from lightning_local.sweeps.shards import Shard, parse_shard, result_files, results_path
+from lightning_local.sweeps.training import build_trial, check_buildable, spec_data, train_run
 from lightning_local.wiring import check_optimizer
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import Logger
 
+# build_trial and train_run live in lightning_local.sweeps.training; re-exported here.
 __all__ = ["SweepConfig", "SweepResult", "build_trial", "log2_grid", "sweep", "train_run"]
 
 
@@ -204,12 +202,17 @@ class SweepResult:
     """What :func:`sweep` produced.
 
     Attributes:
-        records: this sweep's records (from ``results.jsonl``, old and new).
+        records: this sweep's finished runs (``ok`` or diverged), from every results file of
+            the output folder, in grid order: what the tables are made of.
         best: the best lr per (rule, parametrization, width) by ``metric``.
         table: the markdown tables (best lr and its shift; metric per width at a fixed lr).
         executed: runs trained by this call; ``skipped``: runs found already finished.
         seconds: wall time of this call; ``run_seconds``: summed time of all its runs.
-        results_path, plot_path, table_path: the files written.
+        results_path: the file this call wrote (``results.jsonl`` or the shard's file);
+            plot_path, table_path: the other files written.
+        failed: this sweep's failed runs (``status = "failed"``, with their ``error``), in
+            grid order; they are not in ``records`` nor in the tables.
+        backend: how the trials ran (:meth:`Backend.describe`); shard: this call's shard.
     """
 
     records: list[dict[str, Any]]
@@ -222,142 +225,9 @@ class SweepResult:
     results_path: Path
     plot_path: Path | None
     table_path: Path
-
-
-class _Diverged(Exception):
-    pass
-
-
-@torch.no_grad()
-def _evaluate(rule: LocalRule, network: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Mean loss and accuracy of the feedforward output on ``(x, y)``, in chunks."""
-    loss_sum, correct = 0.0, 0
-    for start in range(0, x.shape[0], 4096):
-        inputs, targets = x[start:start + 4096], y[start:start + 4096]
-        output = rule.predict(network, inputs)
-        loss_sum += float(rule.loss.per_sample(output, targets).sum())
-        correct += int((output.argmax(1) == targets).sum())
-    return loss_sum / x.shape[0], correct / x.shape[0]
-
-
-def _spec_data(spec: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return load_dataset(
-        spec.get("dataset", "mnist1d"), spec.get("_data_dir"), spec.get("num_samples", 5000),
-        spec.get("data_seed", 42), data=spec.get("_data") or spec.get("data"),
-    )
-
-
-def build_trial(spec: Mapping[str, Any]) -> Experiment:
-    """The wired run of one spec of :meth:`SweepConfig.run_specs` (seed torch first)."""
-    x_train, y_train, _, _ = _spec_data(spec)
-    return build_experiment(
-        spec["rule"], spec.get("_param", spec["parametrization"]), spec["width"], spec["lr"],
-        in_features=int(x_train[0].numel()), num_classes=int(y_train.max()) + 1,
-        base_width=spec["base_width"], depth=spec.get("depth", 3),
-        activation=spec.get("activation", "tanh"), bias=spec.get("bias", False),
-        loss=spec["loss"], momentum=spec["momentum"],
-        output_weight_exponent=spec["output_weight_exponent"],
-        optimizer=spec.get("optimizer", "sgd"), zero_readout=spec.get("zero_readout", False),
-        model=spec.get("_model") or spec.get("model"),
-    )
-
-
-def train_run(spec: dict[str, Any], *, keep: list[Experiment] | None = None) -> dict[str, Any]:
-    """Train one run described by a spec of :meth:`SweepConfig.run_specs`; return its record.
-
-    The init is seeded with the run's seed and the minibatches are slices of a permutation
-    drawn per epoch by a generator seeded with it, so a ``Trainer.fit`` of the same module
-    with the same seed and batch order ends with the same weights. The global torch random
-    state is restored afterwards (``torch.random.fork_rng``). ``keep``, when given, receives
-    the trained run.
-    """
-    x_train, y_train, x_test, y_test = _spec_data(spec)
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec["seed"])
-        experiment = build_trial(spec)
-        if keep is not None:
-            keep.append(experiment)
-        rule, network = experiment.rule, experiment.network
-        generator = torch.Generator().manual_seed(spec["seed"])
-        budget = spec["steps"]
-        epochs = spec["epochs"] if budget is None else math.inf
-        steps, epoch, first = 0, 0, None
-        epoch_losses: list[float] = []
-        reason = None
-        batch = spec["batch_size"]
-        try:
-            while epoch < epochs and (budget is None or steps < budget):
-                order = torch.randperm(x_train.shape[0], generator=generator)
-                total, count = 0.0, 0
-                for begin in range(0, x_train.shape[0], batch):
-                    if budget is not None and steps >= budget:
-                        break
-                    index = order[begin:begin + batch]
-                    result = rule.step(network, x_train[index], y_train[index],
-                                       experiment.optimizer)
-                    loss = float(result.loss)
-                    steps += 1
-                    first = loss if first is None else first
-                    if not math.isfinite(loss):
-                        raise _Diverged(f"non-finite loss at step {steps}")
-                    if loss > spec["divergence_factor"] * max(first, 1e-12):
-                        raise _Diverged(
-                            f"loss {loss:.3g} at step {steps} exceeds "
-                            f"{spec['divergence_factor']:g} x the first batch loss {first:.3g}"
-                        )
-                    total, count = total + loss * index.numel(), count + index.numel()
-                epoch += 1
-                epoch_losses.append(total / max(count, 1))
-        except NonFiniteEnergyError as error:
-            reason = f"non-finite energy at step {steps + 1}: {str(error).split('.')[0]}"
-        except torch.linalg.LinAlgError as error:
-            reason = f"linear solve failed at step {steps + 1}: {str(error).splitlines()[0]}"
-        except _Diverged as error:
-            reason = str(error)
-        train_loss = test_loss = train_acc = test_acc = None
-        if reason is None:
-            train_loss, train_acc = _evaluate(rule, network, x_train, y_train)
-            test_loss, test_acc = _evaluate(rule, network, x_test, y_test)
-            if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
-                reason = "non-finite loss after training"
-                train_loss = test_loss = train_acc = test_acc = None
-    public = {k: v for k, v in spec.items() if not k.startswith("_")}
-    return dict(
-        key=public.pop("key"),
-        rule=public.pop("rule"),
-        parametrization=public.pop("parametrization"),
-        width=public.pop("width"),
-        lr=public.pop("lr"),
-        seed=public.pop("seed"),
-        train_loss=train_loss,
-        test_loss=test_loss,
-        test_acc=test_acc,
-        train_acc=train_acc,
-        diverged=reason is not None,
-        diverged_reason=reason,
-        seconds=time.perf_counter() - start,
-        steps_done=steps,
-        epoch_train_loss=epoch_losses,
-        **public,
-    )
-
-
-def _check_buildable(specs: Sequence[dict[str, Any]]) -> None:
-    """Build one trial per (rule, parametrization) at the smallest width before any training,
-    so a network the rule cannot take fails now, not after hours of other runs."""
-    seen: dict[tuple[str, str], dict[str, Any]] = {}
-    for spec in specs:
-        key = (spec["rule"], spec["parametrization"])
-        if key not in seen or spec["width"] < seen[key]["width"]:
-            seen[key] = spec
-    with torch.random.fork_rng(devices=[]):
-        for spec in seen.values():
-            build_trial(spec)
-
-
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    backend: str = ""
+    shard: Shard | None = None
 
 
 def _describe(record: dict[str, Any]) -> str:
@@ -365,6 +235,8 @@ def _describe(record: dict[str, Any]) -> str:
         f"{record['rule']} {record['parametrization']} width={record['width']} "
         f"lr=2^{math.log2(record['lr']):g} seed={record['seed']}"
     )
+    if record_status(record) == "failed":
+        return f"{head}: FAILED ({record.get('error')})"
     if record["diverged"]:
         return f"{head}: diverged ({record['diverged_reason']})"
     return (
@@ -383,19 +255,31 @@ def sweep(
     *,
     workers: int = 1,
     threads: int | None = None,
+    backend: str | Backend = "local",
+    shard: str | Shard | None = None,
+    retry_failed: bool = True,
     metric: str = "train_loss",
     plot: bool = True,
     log: Callable[[str], None] | None = _stderr,
     log_to: Logger | Iterable[Logger] | None = None,
+    trial_logger: Callable[[dict[str, Any]], None] | None = None,
 ) -> SweepResult:
-    """Run every run of ``config`` not yet in ``<output>/results.jsonl``; write the table and
-    ``transfer.png``; return a :class:`SweepResult`.
+    """Run every run of ``config`` (of this ``shard``) not yet finished in ``output``; write
+    the tables and ``transfer.png``; return a :class:`SweepResult`.
 
     Args:
         config: the grid, budget, data and model.
         output: the output folder (created).
-        workers: processes running runs in parallel (1: in this process).
-        threads: torch threads per worker (default: 1 when ``workers > 1``, else unchanged).
+        workers: local processes running runs in parallel (1: in this process).
+        threads: torch threads per trial (local default: 1 when ``workers > 1``, else
+            unchanged; Ray: CPUs reserved per trial, default 1).
+        backend: ``"local"`` (default), ``"ray"`` (a local Ray instance, or the one this
+            process joined), or a :class:`~lightning_local.sweeps.backends.Backend`, e.g.
+            ``RayBackend(address="auto", gpus_per_trial=0.5)`` (then leave ``workers`` and
+            ``threads`` out: they are the backend's own).
+        shard: ``"i/n"`` or a :class:`~lightning_local.sweeps.shards.Shard`: run only the
+            runs ``j`` of the grid with ``j mod n == i``, into ``results.shard-i-of-n.jsonl``.
+        retry_failed: run failed runs again (default); ``False`` keeps their failed records.
         metric: what "best lr" means: ``"train_loss"`` (lowest final training loss) or
             ``"test_acc"``/``"train_acc"`` (highest) or ``"test_loss"``.
         plot: write ``transfer.png``.
@@ -403,60 +287,93 @@ def sweep(
         log_to: Lightning loggers that get the config and ``metric`` as hyperparameters and,
             the ``WandbLogger`` among them, ``transfer.png`` as the image ``figures/transfer``
             and the best lrs as the table ``tables/best_lr`` (see :mod:`lightning_local.loggers`).
+        trial_logger: called in this process with each new record once it is written, e.g.
+            :class:`~lightning_local.sweeps.wandb_logging.WandbTrialLogger` (one W&B run per
+            trial); an error in it is reported and the sweep goes on.
     """
     if workers < 1:
         raise LocalLearningError(f"workers must be >= 1, got {workers}.")
+    if isinstance(backend, str):
+        local = backend.lower() == "local"
+        engine = make_backend(
+            backend, workers=workers if local or workers != 1 else None, threads=threads
+        )
+    elif workers != 1 or threads is not None:
+        raise LocalLearningError(
+            "workers and threads belong to the backend when one is given. Fix: e.g. "
+            "backend=LocalBackend(workers=2, threads=1) or RayBackend(threads=2)."
+        )
+    else:
+        engine = make_backend(backend)
+    part = parse_shard(shard)
     log = log or (lambda message: None)
     begin = time.perf_counter()
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
-    results_path = folder / "results.jsonl"
-    repair_results(results_path)
+    own_path = results_path(folder, part)
+    repair_results(own_path)  # only this writer's own file: other shards may be writing theirs
     specs = config.run_specs()
-    finished = {record.get("key") for record in read_results(results_path)}
-    pending = [spec for spec in specs if spec["key"] not in finished]
-    skipped = len(specs) - len(pending)
+    share = part.select(specs) if part is not None else specs
+    previous = merge_records(r for path in result_files(folder) for r in read_results(path))
+    finished = {
+        r.get("key") for r in previous if not retry_failed or record_status(r) != "failed"
+    }
+    pending = [spec for spec in share if spec["key"] not in finished]
+    skipped = len(share) - len(pending)
     atomic_write_text(folder / "sweep_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    log(f"sweep: {len(specs)} runs, {skipped} already finished, {len(pending)} to run "
-        f"({workers} worker{'s' if workers > 1 else ''}) -> {results_path}")
+    how = engine.describe()
+    of = f" (shard {part}: {len(share)} of {len(specs)})" if part is not None else ""
+    log(f"sweep: {len(share)} runs{of}, {skipped} already finished, {len(pending)} to run "
+        f"({how}) -> {own_path}")
     if pending:
-        _spec_data(pending[0])
-        _check_buildable(pending)
+        spec_data(pending[0])
+        check_buildable(pending)
     run_seconds = 0.0
+    written: set[str] = set()
 
-    def finish(record: dict[str, Any], done: int) -> None:
+    def finish(record: dict[str, Any]) -> None:
         nonlocal run_seconds
-        append_result(results_path, record)
-        run_seconds += record["seconds"]
+        if record.get("key") in written:  # a record delivered twice is written once
+            return
+        append_result(own_path, record)
+        written.add(record.get("key"))
+        run_seconds += float(record.get("seconds") or 0.0)
+        done = len(written)
         elapsed = time.perf_counter() - begin
         remaining = elapsed / done * (len(pending) - done)
         log(f"[{done}/{len(pending)}] {_describe(record)} | elapsed {_clock(elapsed)}, "
             f"left ~{_clock(remaining)}")
+        if trial_logger is not None:
+            try:
+                trial_logger(record)
+            except Exception as error:  # the record is safe on disk: report, go on
+                log(f"trial logger failed for {record.get('key')}: "
+                    f"{type(error).__name__}: {error}")
 
-    if workers == 1 or len(pending) <= 1:
-        previous = torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
-            for done, spec in enumerate(pending, start=1):
-                finish(train_run(spec), done)
-        finally:
-            torch.set_num_threads(previous)
-    else:
-        _run_parallel(pending, workers, threads or 1, finish)
-    records = [r for r in read_results(results_path) if r.get("key") in {s["key"] for s in specs}]
+    if pending:
+        engine.run(pending, finish, log)
+    order = {spec["key"]: index for index, spec in enumerate(specs)}
+    merged = merge_records(r for path in result_files(folder) for r in read_results(path))
+    mine = sorted((r for r in merged if r.get("key") in order), key=lambda r: order[r["key"]])
+    records = [r for r in mine if record_status(r) != "failed"]
+    failed = [r for r in mine if record_status(r) == "failed"]
     best = best_learning_rates(records, metric)
     table = (
         format_best_lr_table(best, metric) + "\n\n" + format_wider_is_better_table(best, metric)
     )
     seconds = time.perf_counter() - begin
     table_path = folder / "best_lr.md"
+    missing = len(specs) - len(records) - len(failed)
     atomic_write_text(
         table_path,
-        table + f"\n\nThis call: {len(pending)} runs in {_clock(seconds)} wall time "
-        f"({workers} worker{'s' if workers > 1 else ''}); summed run time {_clock(run_seconds)}."
-        + "\n"
+        table + f"\n\nThis call{of}: {len(pending)} runs in {_clock(seconds)} wall time "
+        f"({how}); summed run time {_clock(run_seconds)}."
+        + (f" {missing} of the grid's {len(specs)} runs not run yet." if missing else "")
+        + _failures_note(failed) + "\n"
     )
+    if failed:
+        log(f"sweep: {len(failed)} run(s) failed (not in the tables; rerun the command to "
+            f"retry them): {', '.join(sorted({str(r.get('error')) for r in failed})[:3])}")
     plot_path = None
     if plot and records:
         from lightning_local.diagnostics.plots import plot_transfer
@@ -465,7 +382,18 @@ def sweep(
     if log_to is not None:
         _log_sweep(log_to, config, metric, best, plot_path)
     return SweepResult(records, best, table, len(pending), skipped, seconds, run_seconds,
-                       results_path, plot_path, table_path)
+                       own_path, plot_path, table_path, failed, how, part)
+
+
+def _failures_note(failed: Sequence[Mapping[str, Any]], limit: int = 10) -> str:
+    if not failed:
+        return ""
+    lines = [f"\n\n{len(failed)} run(s) failed (not in the tables; run again on resume):", ""]
+    for record in failed[:limit]:
+        lines.append(f"- {_describe(dict(record))} [{record.get('key')}]")
+    if len(failed) > limit:
+        lines.append(f"- ... and {len(failed) - limit} more (status \"failed\" in the results)")
+    return "\n".join(lines)
 
 
 def _log_sweep(
@@ -487,27 +415,6 @@ def _log_sweep(
              at_edge=b.at_edge)
         for b in best
     ])
-
-
-def _run_parallel(
-    pending: list[dict[str, Any]], workers: int, threads: int,
-    finish: Callable[[dict[str, Any], int], None],
-) -> None:
-    context = multiprocessing.get_context("spawn")  # no fork of a threaded torch runtime
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        futures = {pool.submit(train_run, spec) for spec in pending}
-        done = 0
-        try:
-            while futures:
-                finished, futures = wait(futures, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    done += 1
-                    finish(future.result(), done)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
 
 
 def _clock(seconds: float) -> str:
