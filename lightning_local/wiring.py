@@ -119,6 +119,11 @@ class TrainingSettings(RuleSettings):
     skip_nonfinite_batches: bool = setting(
         False, "skip a batch whose loss, energy or gradients are not finite (counted in "
         "train/skipped_batches) instead of stopping with an error")
+    compile_inference: bool = setting(
+        False, "compile the rule's inference step with torch.compile (PC's state steps, TP's "
+        "targets; backprop has none)", affects_result=False)
+    compile_backend: str = setting(
+        "inductor", "torch.compile backend for compile_inference", affects_result=False)
     max_weight_magnitude: float | None = setting(
         1e6, "an update leaving a weight entry larger than this in magnitude stops training as "
         "divergence, before the step's checkpoint (None: only non-finite weights)")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_local.rules._linearize import linearize, supports_fast_path
+from lightning_local.rules._linearize import linearize, linearizer, supports_fast_path
 
 
 @pytest.mark.parametrize("activation", [nn.Tanh(), nn.ReLU(), nn.Sigmoid(), nn.Identity(), None])
@@ -64,3 +64,30 @@ def test_tracked_output_carries_the_parameter_graph_only():
     result.output.sum().backward()
     assert x.grad is None  # no graph back to the input
     assert linearize(block, x).output is None
+
+
+@pytest.mark.parametrize("block", [
+    nn.Sequential(nn.Linear(6, 5), nn.Tanh()),
+    nn.Sequential(nn.Linear(6, 5), nn.GELU()),
+], ids=["fast-path", "autograd"])
+def test_a_resolved_linearizer_and_its_compiled_trace_match_linearize(block):
+    """``linearizer(block)`` is ``linearize`` with the path resolved once; traced by
+    ``torch.compile`` (the general path then takes its pullback through ``torch.func.vjp``)
+    it gives the same prediction and pullback."""
+    torch.manual_seed(3)
+    block = block.double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    v = torch.randn(4, 5, dtype=torch.float64)
+    want = linearize(block, x)
+    got = linearizer(block)(x, False)
+    assert torch.equal(got.prediction, want.prediction)
+    assert torch.equal(got.pullback(v), want.pullback(v))
+
+    def both(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        result = linearizer(block)(x, False)
+        return result.prediction, result.pullback(v)
+
+    with torch.no_grad():
+        prediction, pullback = torch.compile(both, backend="aot_eager", fullgraph=True)(x, v)
+    torch.testing.assert_close(prediction, want.prediction, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pullback, want.pullback(v), rtol=1e-12, atol=1e-12)

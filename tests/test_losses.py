@@ -41,3 +41,29 @@ def test_errors():
         loss.mean(torch.randn(3, 2), torch.tensor([0, 1, 2]))
     with pytest.raises(ShapeMismatchError, match="output's shape"):
         loss.mean(torch.randn(3, 2), torch.randn(3, 3))
+
+
+@pytest.mark.parametrize("name", ["mse", "cross_entropy"])
+def test_the_residual_is_exactly_the_negated_gradient(name):
+    torch.manual_seed(1)
+    loss, output = OutputLoss(name), torch.randn(7, 5)
+    for target in (torch.randint(0, 5, (7,)), torch.rand(7, 5)):
+        assert torch.equal(loss.residual(output, target), -loss.grad(output, target))
+
+
+def test_labels_become_a_one_hot_matrix_with_or_without_the_range_check():
+    loss, output = OutputLoss(), torch.randn(4, 3)
+    labels = torch.tensor([2, 0, 1, 2], dtype=torch.int32)
+    expected = F.one_hot(labels.long(), 3).float()
+    assert torch.equal(loss.target_matrix(output, labels), expected)
+    assert torch.equal(loss.target_matrix(output, labels, validate=False), expected)
+    assert bool(loss.labels_in_range(output, labels))
+    assert loss.labels_in_range(output, torch.rand(4, 3)) is None  # float targets: nothing
+    bad = torch.tensor([0, 3, 1, -1])
+    assert not bool(loss.labels_in_range(output, bad))
+    with pytest.raises(ShapeMismatchError, match=r"\[0, 3\).*\[-1, 3\]"):
+        loss.check_labels(output, bad)
+    # unchecked, an out-of-range label gets a row of zeros; shapes are checked either way
+    assert loss.target_matrix(output, bad, validate=False)[[1, 3]].eq(0).all()
+    with pytest.raises(ShapeMismatchError, match="one label per sample"):
+        loss.target_matrix(output, bad[:3], validate=False)

@@ -619,3 +619,56 @@ def test_the_trainer_flags_are_refused_and_the_module_settings_replace_them(flag
     with pytest.raises(LocalLearningError, match=rf"pass {name}=.* to BackpropModule"):
         _trainer(max_steps=1, **flag).fit(BackpropModule(network=_mlp()), _loader())
     assert name in BackpropModule.setting_names()
+
+
+class _CountingBackend:
+    """A ``torch.compile`` backend that runs each captured graph as it is and counts them."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph, example_inputs):
+        self.graphs += 1
+        return graph.forward
+
+
+def _twenty_logged_steps(model: LocalLearningModule) -> LocalLearningModule:
+    """20 steps (batches of 16, 16 and a short 8 per epoch), logging every step."""
+    from _capture_logger import CaptureLogger
+
+    torch.manual_seed(5)
+    _trainer(max_steps=20, logger=CaptureLogger(), log_every_n_steps=1).fit(
+        model, _loader(n=40, batch_size=16))
+    return model
+
+
+def _pc_sim(**settings) -> PredictiveCodingModule:
+    return PredictiveCodingModule(network=_mlp(), inference="simultaneous", inference_steps=4,
+                                  inference_lr=0.2, lr=0.1, **settings)
+
+
+@pytest.mark.parametrize("how", ["setting", "torch.compile(module)"])
+def test_compiled_inference_trains_as_written_and_logging_never_recompiles(how):
+    """``compile_inference=True`` (or ``trainer.fit(torch.compile(module))``, which the module
+    turns into the same: training_step as written, the inference step compiled): 20 logged
+    steps with a short last batch per epoch give the uncompiled run's weights and capture at
+    most a fixed number of graphs, with no graph break [the uncompiled run; the count]."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    backend = _CountingBackend()
+    if how == "setting":  # a setting names its backend: register this one under a name
+        name = f"lightning_local_counting_{id(backend)}"
+        torch._dynamo.register_backend(compiler_fn=backend, name=name)
+        model = _pc_sim(compile_inference=True, compile_backend=name)
+        trained = _twenty_logged_steps(model)
+    else:
+        model = _pc_sim()
+        trained = model
+        _twenty_logged_steps(torch.compile(model, backend=backend))
+    assert trained.rule.inference_compiled
+    assert 1 <= backend.graphs <= 4, backend.graphs
+    assert not torch._dynamo.utils.counters["graph_break"]
+    reference = _twenty_logged_steps(_pc_sim())
+    for (name, p), q in zip(trained.network.named_parameters(), reference.network.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    torch._dynamo.reset()

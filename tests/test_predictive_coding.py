@@ -361,3 +361,34 @@ def test_only_the_tolerance_schedule_communicates():
         rule = PredictiveCoding(inference=schedule, inference_steps=3)
         rule.process_layout = ProcessLayout(1, 2, refuse)
         rule.training_loss(net, x, y)
+
+
+@pytest.mark.parametrize("fixed_prediction", [True, False])
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_the_outputs_inference_keeps_give_the_update_a_fresh_forward_pass_gives(
+    fixed_prediction, fast_path
+):
+    """The training step takes the weight update's predictions from inference (so that a
+    compiled inference step holds the update's forward pass too); they give the surrogate
+    and the gradient of a forward pass of its own at the same inputs."""
+    torch.manual_seed(4)
+    net = MLP(in_features=6, width=12, num_classes=3, depth=4).double()
+    x, y = _batch()
+    pc = PredictiveCoding(inference="simultaneous", inference_steps=4, inference_lr=0.1,
+                          fixed_prediction=fixed_prediction, fast_path=fast_path,
+                          hidden_weights=[1.0, 0.0, 0.5])
+    kept = pc._run(net, x, y, final_energy=True, keep_outputs=True)
+    assert (kept.feedforward_outputs is not None) == fixed_prediction
+    assert (kept.state_outputs is not None) == (not fixed_prediction)
+    outputs = kept.feedforward_outputs or kept.state_outputs
+    assert outputs[1] is None  # gamma_2 = 0: its term is 0, no forward pass is kept
+    fresh = pc.infer(net, x, y)
+    assert fresh.feedforward_outputs is None and fresh.state_outputs is None
+    got_loss, _ = pc.weight_loss(net, kept, y)
+    want_loss, _ = pc.weight_loss(net, fresh, y)
+    assert torch.equal(got_loss, want_loss)
+    params = list(net.parameters())
+    got = torch.autograd.grad(got_loss, params, allow_unused=True)
+    want = torch.autograd.grad(want_loss, params, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None and w is None) or torch.equal(g, w)

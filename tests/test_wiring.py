@@ -104,6 +104,8 @@ NON_DEFAULT: dict[str, Any] = {
     "gradient_clip_algorithm": "value",
     "skip_nonfinite_batches": True,
     "max_weight_magnitude": 1e4,
+    "compile_inference": True,
+    "compile_backend": "eager",
 }
 
 # Settings that cannot all be non-default at once: TP's feedback-only steps (several feedback

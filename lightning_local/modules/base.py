@@ -53,7 +53,7 @@ from typing import IO, Any, ClassVar
 import lightning as L
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -215,6 +215,17 @@ def _first_nonfinite(network: nn.Module, *, gradients: bool) -> str | None:
     if bool(finite.all()):
         return None
     return named[int((~finite).nonzero()[0])][0]
+
+
+def _dynamo_backend(context: Any) -> Any:
+    """The backend a ``torch.compile`` context was made with, when torch exposes it."""
+    backend = getattr(getattr(context, "callback", None), "_torchdynamo_orig_backend", None)
+    while hasattr(backend, "_torchdynamo_orig_backend"):
+        backend = backend._torchdynamo_orig_backend
+    inner = getattr(backend, "_inner_convert", None) or backend
+    compiler = getattr(inner, "_torchdynamo_orig_backend", None) or getattr(
+        inner, "compiler_fn", None)
+    return compiler
 
 
 def _first_diverged(network: nn.Module, limit: float | None) -> tuple[str, float] | None:
@@ -518,6 +529,8 @@ class LocalLearningModule(L.LightningModule):
                 name: child for name, child in run.network.named_children() if child is not network
             }
             self._lightning_local_extra = nn.ModuleDict(extra)
+        if settings.compile_inference:
+            run.rule.compile_inference(backend=settings.compile_backend)
         self.__dict__["_local_run"] = run
         self.__dict__["_local_source"] = self.network_for_rule()
         self._build_accuracy(run.network)
@@ -712,6 +725,23 @@ class LocalLearningModule(L.LightningModule):
             install_atomic_checkpoints(self._trainer.strategy)  # before any save or resume
         self.apply_parametrization()
         self.rule.process_layout = process_layout(self._trainer)  # ranks, for global decisions
+        self._compile_inference_instead_of_training_step()
+
+    def _compile_inference_instead_of_training_step(self) -> None:
+        """``trainer.fit(torch.compile(module))``: Lightning compiles ``training_step`` whole,
+        where the rule's host decisions (tolerance, finiteness) break the graph and every
+        per-layer metric name recompiles it. Keep ``training_step`` as written and compile the
+        rule's inference step instead, with the same backend."""
+        context = self.__dict__.get("_compiler_ctx")
+        if not (isinstance(context, dict) and "original_training_step" in context):
+            return
+        self.training_step = context["original_training_step"]  # type: ignore[method-assign]
+        backend = _dynamo_backend(context.get("dynamo_ctx"))
+        self.rule.compile_inference(backend=backend or self.training_settings.compile_backend)
+        rank_zero_info(
+            f"{type(self).__name__} under torch.compile: training_step runs as written and the "
+            "rule's inference step is compiled (the same as compile_inference=True)."
+        )
 
     def configure_callbacks(self) -> list[L.Callback]:
         """No callbacks of the module's own; refuses the Trainer flags that the manual

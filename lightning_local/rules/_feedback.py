@@ -258,9 +258,17 @@ def ridge_solution(
     return [_solve_primal(xx, xy, mu) for (xx, xy), mu in zip(grams, ridges)]
 
 
+def _solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """``matrix^{-1} rhs`` for a ridge system (symmetric positive definite: ``mu > 0``), with
+    no host read of the solver's status (``torch.linalg.solve`` reads it, a device
+    synchronization per solve on an accelerator); a NaN in the data makes the targets NaN,
+    which the step's finiteness check refuses."""
+    return torch.linalg.solve_ex(matrix, rhs)[0]
+
+
 def _solve_primal(xx: Tensor, xy: Tensor, mu: float) -> Tensor:
     eye = torch.eye(xx.shape[0], dtype=xx.dtype, device=xx.device)
-    return torch.linalg.solve(xx + mu * eye, xy).T
+    return _solve(xx + mu * eye, xy).T
 
 
 def _ridge_one(x: Tensor, y: Tensor, mu: float) -> Tensor:
@@ -269,4 +277,4 @@ def _ridge_one(x: Tensor, y: Tensor, mu: float) -> Tensor:
     if width <= batch:
         return _solve_primal(x.T @ x, x.T @ y, mu)
     kernel = x @ x.T + mu * torch.eye(batch, dtype=x.dtype, device=x.device)
-    return y.T @ torch.linalg.solve(kernel, x)
+    return y.T @ _solve(kernel, x)

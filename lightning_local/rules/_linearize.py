@@ -10,10 +10,16 @@ the vector-Jacobian product with the error of the layer above. Two implementatio
   ``mu`` (``1 - mu^2`` for tanh, ``[mu > 0]`` for relu, ``mu (1 - mu)`` for sigmoid).
 
 Both return identical values (tested); the fast path skips the autograd graph.
+:func:`linearizer` resolves which path a block takes once, for a loop that linearizes the
+same block at many states (predictive-coding inference); :func:`linearize` is one call. Inside a
+compiled inference step the general path takes the same vector-Jacobian product through
+``torch.func.vjp``, which ``torch.compile`` traces into the graph (``torch.autograd.grad``
+would break it).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -23,12 +29,12 @@ from torch import Tensor, nn
 from lightning_local.errors import UnsupportedNetworkError
 from lightning_local.network import compiled_original, tensor_output
 
-__all__ = ["Linearization", "linearize", "supports_fast_path"]
+__all__ = ["Linearization", "Linearizer", "linearize", "linearizer", "supports_fast_path"]
 
 Pullback = Callable[[Tensor], Tensor]
 
 _DERIVATIVE_FROM_OUTPUT: dict[type[nn.Module], Callable[[Tensor], Tensor] | None] = {
-    nn.Tanh: lambda mu: torch.mul(mu, mu).neg_().add_(1),
+    nn.Tanh: lambda mu: torch.rsub(torch.mul(mu, mu), 1),
     nn.ReLU: lambda mu: (mu > 0).to(mu.dtype),
     nn.Sigmoid: lambda mu: torch.sub(1, mu).mul_(mu),
     nn.Identity: None,
@@ -48,6 +54,10 @@ class Linearization:
         self.prediction = prediction
         self.pullback = pullback
         self.output = output
+
+
+Linearizer = Callable[[Tensor, bool], Linearization]
+"""``(x, track_parameters) -> Linearization`` of one block (see :func:`linearizer`)."""
 
 
 def _affine_parts(block: nn.Module) -> tuple[nn.Linear, nn.Module | None] | None:
@@ -74,24 +84,32 @@ def supports_fast_path(block: nn.Module) -> bool:
 
 
 def _linearize_affine(
-    linear: nn.Linear, activation: nn.Module | None, x: Tensor, track_parameters: bool
+    linear: nn.Linear,
+    activation: nn.Module | None,
+    derivative: Callable[[Tensor], Tensor] | None,
+    x: Tensor,
+    track_parameters: bool = False,
 ) -> Linearization:
+    """``mu = phi(x W^T + b)`` and ``v -> (v * phi'(u)) W``, the slope read off ``mu`` when
+    the pullback is taken (a block whose pullback is never taken, the first, computes none)."""
     weight = linear.weight.detach()
     with torch.set_grad_enabled(track_parameters):
         output = F.linear(x.detach(), linear.weight, linear.bias)
         if activation is not None:
             output = activation(output)
     prediction = output.detach()
-    derivative = None if activation is None else _DERIVATIVE_FROM_OUTPUT[type(activation)]
-    slope = None if derivative is None else derivative(prediction)
 
     def pullback(v: Tensor) -> Tensor:
-        return (v if slope is None else v * slope) @ weight
+        return (v if derivative is None else v * derivative(prediction)) @ weight
 
     return Linearization(prediction, pullback, output if track_parameters else None)
 
 
-def _linearize_autograd(block: nn.Module, x: Tensor) -> Linearization:
+def _linearize_autograd(
+    block: nn.Module, x: Tensor, track_parameters: bool = False
+) -> Linearization:
+    """``f(x)`` and ``v -> J_f(x)^T v`` by autograd (``track_parameters`` is not taken: no
+    output with a graph to the parameters is kept)."""
     if not torch.is_floating_point(x):  # integer inputs (an embedding's indices): no pullback
         with torch.no_grad():
             output = tensor_output(block(x), block)
@@ -103,6 +121,13 @@ def _linearize_autograd(block: nn.Module, x: Tensor) -> Linearization:
             )
 
         return Linearization(output, no_pullback)
+    if torch.compiler.is_compiling():  # torch.compile traces torch.func, not autograd.grad
+        output, vjp = torch.func.vjp(lambda z: tensor_output(block(z), block), x.detach())
+
+        def traced_pullback(v: Tensor) -> Tensor:
+            return vjp(v)[0]
+
+        return Linearization(output, traced_pullback)
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         output = tensor_output(block(leaf), block)
@@ -114,6 +139,17 @@ def _linearize_autograd(block: nn.Module, x: Tensor) -> Linearization:
     return Linearization(output.detach(), pullback)
 
 
+def linearizer(block: nn.Module, fast_path: bool = True) -> Linearizer:
+    """``(x, track_parameters) -> linearize(block, x, fast_path, track_parameters)``, with
+    the block's path (closed form or autograd) resolved here, once."""
+    parts = _affine_parts(block) if fast_path else None
+    if parts is None:
+        return functools.partial(_linearize_autograd, block)
+    linear, activation = parts
+    derivative = None if activation is None else _DERIVATIVE_FROM_OUTPUT[type(activation)]
+    return functools.partial(_linearize_affine, linear, activation, derivative)
+
+
 def linearize(
     block: nn.Module, x: Tensor, fast_path: bool = True, track_parameters: bool = False
 ) -> Linearization:
@@ -122,8 +158,4 @@ def linearize(
     With ``track_parameters`` the closed form also keeps ``output``, ``f(x)`` with a graph to
     the parameters, so a weight update at this point needs no second forward pass.
     """
-    parts = _affine_parts(block) if fast_path else None
-    if parts is not None:
-        with torch.no_grad():
-            return _linearize_affine(parts[0], parts[1], x, track_parameters)
-    return _linearize_autograd(block, x)
+    return linearizer(block, fast_path)(x, track_parameters)

@@ -14,8 +14,8 @@ from lightning_local.network import as_blocks, feedforward
 from lightning_local.rules.base import (
     LocalRule,
     RuleSettings,
+    StepChecks,
     StepResult,
-    check_finite,
 )
 
 __all__ = ["Backprop", "BackpropSettings"]
@@ -27,12 +27,21 @@ class BackpropSettings(RuleSettings):
 
 
 class Backprop(LocalRule):
-    """End-to-end backpropagation of the output loss through every block."""
+    """End-to-end backpropagation of the output loss through every block.
+
+    Backprop has no inference: :meth:`compile_inference` leaves it as it is (a no-op, and
+    :attr:`inference_compiled` stays ``False``); compile the blocks themselves
+    (``torch.compile(block)``) to compile its forward pass.
+    """
 
     name = "bp"
     Settings = BackpropSettings
 
     def rule_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
         output = feedforward(as_blocks(network), inputs)[-1]
-        loss = check_finite(self.loss.mean(output, targets), "the backprop loss")
+        loss = self.loss.mean(output, self.loss.target_matrix(output, targets, validate=False))
+        checks = StepChecks()  # one host read: labels in range, a finite loss
+        checks.labels(self.loss, output, targets)
+        checks.finite(loss, "the backprop loss")
+        checks.verify()
         return StepResult(loss=loss.detach(), surrogate=loss, output=output.detach())

@@ -19,6 +19,13 @@ Under data parallelism each rule sees its process's share of the global batch an
 computation before the surrogate needs the global batch, reads :attr:`LocalRule.process_layout`
 (a :class:`ProcessLayout`: this process's rank, the number of processes and the sum over
 them; one process by default).
+
+Host synchronizations: a step's checks (labels in range, a finite surrogate and energies) are
+boolean tensors gathered in a :class:`StepChecks` and read from the device once per step, at
+the end of :meth:`LocalRule.rule_loss`, before anything touches the weights. Labels are turned
+into the float target matrix once per batch; inference itself reads nothing from the device
+(PC's tolerance schedule excepted: its stop is a host decision on the energy of each step).
+:meth:`LocalRule.compile_inference` compiles a rule's inference step with ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from lightning_local.diagnostics.measures import rms  # noqa: F401
 from lightning_local.errors import LocalLearningError, NonFiniteEnergyError
 from lightning_local.losses import LossName, OutputLoss, get_loss
 from lightning_local.network import as_blocks, feedforward
+from lightning_local.rules._compile import CompileRequest, own_method
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -50,6 +58,7 @@ __all__ = [
     "LocalRule",
     "ProcessLayout",
     "RuleSettings",
+    "StepChecks",
     "StepResult",
     "check_batch",
     "check_finite",
@@ -156,14 +165,67 @@ def check_batch(
                 )
 
 
+def _non_finite(what: str) -> NonFiniteEnergyError:
+    return NonFiniteEnergyError(
+        f"{what} is not finite. The step diverged: lower the learning rate or the inference "
+        "step size, or check the inputs for NaN/inf. Nothing was applied to the weights."
+    )
+
+
 def check_finite(value: Tensor, what: str) -> Tensor:
-    """Raise :class:`NonFiniteEnergyError` when ``value`` holds NaN or infinity."""
+    """Raise :class:`NonFiniteEnergyError` when ``value`` holds NaN or infinity (one host
+    read; a training step gathers its checks in a :class:`StepChecks` instead)."""
     if not bool(torch.isfinite(value).all()):
-        raise NonFiniteEnergyError(
-            f"{what} is not finite. The step diverged: lower the learning rate or the inference "
-            "step size, or check the inputs for NaN/inf. Nothing was applied to the weights."
-        )
+        raise _non_finite(what)
     return value
+
+
+class StepChecks:
+    """The checks of one training step, read from the device at once.
+
+    Each check is a boolean scalar computed on the device, ``True`` when all is well;
+    :meth:`verify` stacks them and reads them with one host synchronization, then raises the
+    error of the first failing check in the order they were added. An error is built only
+    when its check fails, so its message may read values (e.g. the labels' range) then.
+    """
+
+    def __init__(self) -> None:
+        self._checks: list[tuple[Tensor, Callable[[], Exception]]] = []
+
+    def require(self, ok: Tensor, error: Callable[[], Exception]) -> None:
+        """Check ``ok`` (a boolean scalar tensor); ``error()`` is raised if it is ``False``."""
+        self._checks.append((ok, error))
+
+    def finite(self, value: Tensor, what: str) -> Tensor:
+        """Check that ``value`` holds no NaN or infinity (:class:`NonFiniteEnergyError`
+        naming ``what``); returns ``value``."""
+        self.require(torch.isfinite(value.detach()).all(), lambda: _non_finite(what))
+        return value
+
+    def labels(self, loss: OutputLoss, output: Tensor, targets: Tensor) -> None:
+        """Check that class labels lie in ``[0, outputs)`` (``output``: the network's
+        output); float targets have nothing to check."""
+        ok = loss.labels_in_range(output, targets)
+        if ok is not None:
+            self.require(ok, lambda: _label_error(loss, output, targets))
+
+    def verify(self) -> None:
+        """Read every check (one host synchronization) and raise the first failure."""
+        if not self._checks:
+            return
+        oks = torch.stack([ok.to(device=self._checks[0][0].device) for ok, _ in self._checks])
+        for passed, (_, error) in zip(oks.tolist(), self._checks):
+            if not passed:
+                raise error()
+
+
+def _label_error(loss: OutputLoss, output: Tensor, targets: Tensor) -> Exception:
+    """The error :meth:`OutputLoss.check_labels` raises for these labels."""
+    try:
+        loss.check_labels(output, targets)
+    except LocalLearningError as error:
+        return error
+    return LocalLearningError("the labels failed their range check.")  # pragma: no cover
 
 
 def local_losses(
@@ -377,6 +439,9 @@ class LocalRule(ABC):
 
     name: str = "rule"
     Settings: ClassVar[type[RuleSettings]] = RuleSettings
+    inference_method: ClassVar[str | None] = None
+    """The name of the method that is the rule's inference step, the part of a training step
+    :meth:`compile_inference` compiles (``None``: the rule has no inference, as backprop)."""
     full_precision_update: ClassVar[bool] = False
     """Whether the surrogate's backward pass must also run outside autocast (the local rules:
     their updates are products of small errors; CPU autograd runs the backward pass in the
@@ -430,8 +495,70 @@ class LocalRule(ABC):
         self.process_layout = dataclasses.replace(self.process_layout, all_reduce_sum=value)
 
     def with_settings(self, **changes: Any) -> Self:
-        """A fresh rule of the same class and loss with ``changes`` to its settings."""
-        return type(self)(self.loss, self.settings.replace(**changes))
+        """A fresh rule of the same class and loss with ``changes`` to its settings (and the
+        same :meth:`compile_inference` request, if any)."""
+        rule = type(self)(self.loss, self.settings.replace(**changes))
+        request = self.__dict__.get("_compile_request")
+        if request is not None:
+            rule.compile_inference(request.backend, **request.options)
+        return rule
+
+    # ------------------------------------------------------------ compilation
+    def compile_inference(
+        self, backend: str | Callable[..., Any] = "inductor", **options: Any
+    ) -> Self:
+        """Compile the rule's inference step (:attr:`inference_method`) in place; returns self.
+
+        ``torch.compile(step, backend=backend, **options)``, made at the step's first call.
+        The compiled step computes what the step as written computes (same operations, up to
+        the backend's floating-point reordering and fusion); a rule without inference
+        (backprop) is left as it is, and :attr:`inference_compiled` stays ``False``.
+        Idempotent: calling it again with the same arguments changes nothing; with others it
+        replaces the compiled step (never compiling a compiled one). The rule compiles its
+        own copy of the step, so rules do not share compiled graphs or the recompile limit
+        (see :mod:`lightning_local.rules._compile`).
+
+        Args:
+            backend: ``"inductor"`` (fused kernels; needs a C++ compiler on CPU),
+                ``"aot_eager"`` or ``"eager"`` (graph capture only), or a compiler callable.
+            options: further ``torch.compile`` keywords (``mode``, ``dynamic``, ...).
+        """
+        if self.inference_method is None:
+            return self
+        request = CompileRequest(backend, dict(options))
+        if self.__dict__.get("_compile_request") != request:
+            self.__dict__["_compile_request"] = request
+            self.__dict__.pop("_compiled_steps", None)
+        return self
+
+    @property
+    def inference_compiled(self) -> bool:
+        """Whether :meth:`compile_inference` compiled the inference step."""
+        return self.__dict__.get("_compile_request") is not None
+
+    def _inference_step(self, name: str | None = None) -> Callable[..., Any]:
+        """The bound method ``name`` (by default :attr:`inference_method`): compiled after
+        :meth:`compile_inference`, else as written. A step with host decisions inside (PC's
+        tolerance stop) runs its loop as written and compiles the parts between them by name."""
+        name = name or self.inference_method
+        if name is None:
+            raise LocalLearningError(f"{type(self).__name__} has no inference step.")
+        request: CompileRequest | None = self.__dict__.get("_compile_request")
+        if request is None:
+            return getattr(self, name)
+        compiled = self.__dict__.setdefault("_compiled_steps", {})
+        if name not in compiled:
+            compiled[name] = request.compile(own_method(getattr(self, name)))
+        return compiled[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the compiled step is bound to this object: a copy compiles its own
+        state = dict(self.__dict__)
+        state.pop("_compiled_steps", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------ wiring hooks
     def prepare_network(
@@ -465,7 +592,9 @@ class LocalRule(ABC):
     @abstractmethod
     def rule_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
         """The rule's own computation for :meth:`training_loss` (which checks the batch and
-        sets the precision first): inference, targets, the surrogate and its metrics."""
+        sets the precision first): inference, targets, the surrogate and its metrics.
+
+        It reads the device once, for its :class:`StepChecks`, before returning."""
 
     def step(
         self,

@@ -37,13 +37,23 @@ of the layers below, so the usual choice there is ``fixed_prediction=False``.
 
 Exactness identity: F-ini + one SI sweep + FPA with ``kappa_l = gamma_l = 1`` gives
 ``eps_l = -gamma_L dL/dh_l`` and so a weight update equal to ``gamma_L`` times backprop's.
+
+Host synchronizations: the sequential and simultaneous schedules read nothing from the device
+during inference (the labels become the float target matrix once, unchecked; the step checks
+their range, and that the surrogate and the energy are finite, in one read at its end). The
+tolerance schedule reads ``F`` after every step: stopping is a host decision.
+:meth:`~lightning_local.rules.base.LocalRule.compile_inference` compiles the inference step
+(:meth:`PredictiveCoding._infer`: feedforward pass, state steps, final energy, and the
+predictions the weight update differentiates) into one graph for the fixed-step schedules;
+the tolerance schedule runs its loop as written and compiles each step between two reads
+(:meth:`PredictiveCoding._tolerance_step`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -54,12 +64,12 @@ from lightning_local.diagnostics.measures import rms
 from lightning_local.errors import LocalLearningError
 from lightning_local.losses import LossName, OutputLoss
 from lightning_local.network import as_blocks, shape_errors
-from lightning_local.rules._linearize import Linearization, linearize
+from lightning_local.rules._linearize import Linearization, Linearizer, linearize, linearizer
 from lightning_local.rules.base import (
     LocalRule,
     RuleSettings,
+    StepChecks,
     StepResult,
-    check_finite,
     full_precision,
     local_losses,
     setting,
@@ -87,8 +97,15 @@ class InferenceResult:
         energy_trace: ``F`` before each step, then after the last (tolerance schedule only;
             the global batch's ``F``, summed over processes, under a process layout).
         energy_per_layer: the terms of ``energy_after``, one per block (batch sums).
-        feedforward_outputs: ``f_l(h_{l-1})`` with a graph to the parameters, per block, where
-            the closed form kept it (for the FPA weight update; ``None`` otherwise).
+        feedforward_outputs: ``f_l(h_{l-1})`` with a graph to the parameters, per block, when
+            inference kept the outputs the FPA weight update uses (``None`` otherwise, and for
+            a hidden block with ``gamma_l = 0``, whose term is 0).
+        state_outputs: ``f_l(x_{l-1})`` at the final states with a graph to the parameters,
+            per block, when inference kept the outputs the weight update without FPA uses
+            (``None`` otherwise, and for a hidden block with ``gamma_l = 0``).
+        target_matrix: the targets as inference used them, a float tensor of the output's
+            shape (one-hot for class labels; see
+            :meth:`~lightning_local.losses.OutputLoss.target_matrix`).
     """
 
     states: list[Tensor]
@@ -99,11 +116,19 @@ class InferenceResult:
     energy_trace: list[float] = field(default_factory=list)
     energy_per_layer: Tensor | None = None
     feedforward_outputs: list[Tensor | None] | None = field(default=None, repr=False)
+    target_matrix: Tensor | None = field(default=None, repr=False)
+    state_outputs: list[Tensor | None] | None = field(default=None, repr=False)
 
 
 def _scaled(value: Tensor, factor: float) -> Tensor:
     """``factor * value``, in place (``value`` is a fresh temporary)."""
     return value if factor == 1.0 else value.mul_(factor)
+
+
+def _read(value: Tensor) -> list[float]:
+    """The entries of ``value`` on the host (one host synchronization): the tolerance
+    schedule's stop decision."""
+    return value.detach().reshape(-1).tolist()
 
 
 def _per_layer(value: float | Sequence[float], count: int, name: str) -> list[float]:
@@ -206,6 +231,7 @@ class PredictiveCoding(LocalRule):
 
     name = "pc"
     Settings = PredictiveCodingSettings
+    inference_method = "_infer"
     full_precision_update = True
     settings: PredictiveCodingSettings
 
@@ -231,7 +257,7 @@ class PredictiveCoding(LocalRule):
 
     def _output_error(self, prediction: Tensor, targets: Tensor) -> Tensor:
         """``eps_L = -d loss / d mu_L`` per sample."""
-        return -self.loss.grad(prediction, targets)
+        return self.loss.residual(prediction, targets)
 
     def _energy_terms(
         self, blocks: Sequence[nn.Module], states: Sequence[Tensor], targets: Tensor
@@ -299,6 +325,10 @@ class PredictiveCoding(LocalRule):
 
         With ``final_energy=False`` the energy at the final states is not computed
         (``energy_after`` is then ``energy_before`` and ``energy_per_layer`` is ``None``).
+        Inference reads nothing from the device (but for the tolerance schedule's stop), so
+        it does not check that labels lie in ``[0, outputs)``: one out of range gets a row of
+        zeros as its target (:meth:`training_loss` refuses it; check yourself with
+        ``rule.loss.check_labels(output, targets)``).
         """
         return self._run(network, inputs, targets, final_energy, keep_outputs=False)
 
@@ -316,7 +346,10 @@ class PredictiveCoding(LocalRule):
         with torch.inference_mode(False), torch.no_grad(), full_precision(inputs):
             if inputs.is_inference():  # validation data: autograd may not touch it
                 inputs = inputs.clone()
-            return self._infer(blocks, inputs, targets, final_energy, keep_outputs)
+            # compiled after compile_inference; the tolerance schedule's loop, with its host
+            # decisions, runs as written and compiles each step (see _infer)
+            infer = self._infer if self.inference == "tolerance" else self._inference_step()
+            return infer(blocks, inputs, targets, final_energy, keep_outputs)
 
     def _infer(
         self,
@@ -326,71 +359,180 @@ class PredictiveCoding(LocalRule):
         final_energy: bool = True,
         keep_outputs: bool = False,
     ) -> InferenceResult:
+        """The inference step, from the feedforward pass to the final energy: the part
+        :meth:`compile_inference` compiles. ``targets`` are labels or float targets.
+
+        With ``keep_outputs`` it also returns the block outputs the weight update uses, with
+        their graph to the parameters (:attr:`InferenceResult.feedforward_outputs` under FPA,
+        :attr:`InferenceResult.state_outputs` without), so that the update's forward pass is
+        part of the (compiled) step. The states are the buffers the feedforward pass is
+        cloned into once and then moved in place, ``x_l <- x_l - kappa_l g_l`` (under the
+        tolerance schedule each step after the first makes new ones, see
+        :meth:`_tolerance_step`).
+
+        The tolerance schedule runs its loop as written and compiles the work between two
+        host reads of the energy, :meth:`_tolerance_step`.
+        """
         hidden = len(blocks) - 1
         gammas = self._gammas(hidden)
         kappas = _per_layer(self.inference_lr, hidden, "inference_lr")
-        maps, feedforward = self._linearize_all(blocks, [inputs], extend=True, track=keep_outputs)
-        outputs = [m.output for m in maps] if keep_outputs else None
-        targets = self.loss.target_matrix(feedforward[-1], targets)  # one-hot once, not per step
+        # each block's linearization (closed form or autograd) is resolved once per batch
+        linearizers = [linearizer(block, self.fast_path) for block in blocks]
+        track = keep_outputs and self.fixed_prediction
+        maps, feedforward = self._feedforward(blocks, linearizers, inputs, track)
+        free = [m.output for m in maps]  # f_l(h_{l-1}) with a graph, where the closed form kept it
+        # one-hot once, not per step; the label range is checked by the step, not here
+        targets = self.loss.target_matrix(feedforward[-1], targets, validate=False)
         states = [inputs] + [h.clone() for h in feedforward[1:-1]]  # moved in place below
         energy_before = gammas[-1] * self.loss.per_sample_sum(feedforward[-1], targets)
         velocity: list[Tensor | None] = [None] * hidden
         trace: list[float] = []
         steps = 0
         terms: Tensor | None = None  # the energy's terms at the current states, when known
-
-        def move(layer: int, grad: Tensor) -> None:
-            if self.state_momentum:
-                buffer = velocity[layer - 1]
-                if buffer is not None:
-                    grad = buffer.mul_(self.state_momentum).add_(grad)
-                velocity[layer - 1] = grad
-            states[layer].sub_(grad, alpha=kappas[layer - 1])
-
+        last = self.inference_steps
         if self.inference == "sequential":
-            for steps in range(1, self.inference_steps + 1):
+            for steps in range(1, last + 1):
                 # the first sweep starts at the feedforward states, where ``maps`` are valid
                 cached = maps if steps == 1 else None
-                self._sequential_sweep(blocks, states, cached, targets, gammas, move)
+                self._sequential_sweep(
+                    linearizers, states, cached, targets, gammas, kappas, velocity)
+        elif self.inference == "simultaneous":
+            for steps in range(1, last + 1):
+                # after the last step only the final energy needs the states' predictions
+                again = steps < last or final_energy
+                maps, terms = self._simultaneous_step(
+                    linearizers, states, maps, targets, gammas, kappas, velocity,
+                    relinearize=again, with_terms=again and steps == last,
+                )
         else:
-            tolerance = self.inference == "tolerance"
             # the stop decision reads the global batch's energy: under several processes
             # the energy before inference is summed with the first energy after a step
             previous: float | None = None
-            if not (tolerance and self.all_reduce_sum is not None):
-                previous = float(energy_before)
+            if self.all_reduce_sum is None:
+                previous = _read(energy_before)[0]
                 trace.append(previous)
-            for step in range(1, self.inference_steps + 1):
-                if step > 1:
-                    maps, _ = self._linearize_all(blocks, states)
-                    if tolerance:
-                        # the energy after the last step, from this step's predictions
-                        terms = self._terms(states, [m.prediction for m in maps], targets)
-                        previous, current = self._global_energies(
-                            previous, energy_before, terms.sum(), trace
-                        )
-                        if self._converged(step - 1, previous, current):
-                            break
-                        previous = current
-                grads = self._grads(states, maps, targets, gammas)
-                for layer in range(1, hidden + 1):
-                    move(layer, grads[layer - 1])
-                steps, terms = step, None
-            if tolerance and steps and terms is None:  # ran to the cap
-                terms = self._energy_terms(blocks, states, targets)
+            # the first step from the feedforward pass's maps; after it each call gives F at
+            # the states and, ahead of the decision, the next step, taken if F says go on
+            self._simultaneous_step(
+                linearizers, states, maps, targets, gammas, kappas, velocity, relinearize=False)
+            advance = self._inference_step("_tolerance_step")  # compiled between the reads
+            steps = 1
+            while True:
+                ahead = None
+                if steps < last:
+                    terms, ahead, ahead_velocity = advance(
+                        linearizers, states, velocity, targets, gammas, kappas)
+                else:  # at the cap: the energy only, for the warning on a rise
+                    terms = self._energy_terms(blocks, states, targets)
                 previous, current = self._global_energies(
-                    previous, energy_before, terms.sum(), trace
-                )
-                self._converged(steps, previous, current)
-        if not final_energy:  # the caller gets it from its own forward pass at the states
-            return InferenceResult(
-                states, feedforward, energy_before, energy_before, steps, trace, None, outputs
-            )
-        if terms is None:
-            terms = self._energy_terms(blocks, states, targets)
-        return InferenceResult(
-            states, feedforward, energy_before, terms.sum(), steps, trace, terms, outputs
+                    previous, energy_before, terms.sum(), trace)
+                if self._converged(steps, previous, current) or ahead is None:
+                    break
+                previous, states, velocity = current, ahead, ahead_velocity
+                steps += 1
+        result = InferenceResult(
+            states, feedforward, energy_before, energy_before, steps, trace, None, None, targets
         )
+        if track:
+            result.feedforward_outputs = self._update_outputs(
+                blocks, feedforward[:-1], free, gammas)
+        elif keep_outputs:
+            result.state_outputs = self._update_outputs(blocks, states, None, gammas)
+        if final_energy:  # else the caller gets it from its own forward pass at the states
+            if terms is None:
+                terms = self._energy_terms(blocks, states, targets)
+            result.energy_after, result.energy_per_layer = terms.sum(), terms
+        return result
+
+    def _simultaneous_step(
+        self,
+        linearizers: Sequence[Linearizer],
+        states: list[Tensor],
+        maps: Sequence[Linearization],
+        targets: Tensor,
+        gammas: Sequence[float],
+        kappas: Sequence[float],
+        velocity: list[Tensor | None],
+        relinearize: bool = True,
+        with_terms: bool = False,
+    ) -> tuple[Sequence[Linearization], Tensor | None]:
+        """One gradient step on all hidden states at once, from ``maps`` (the blocks
+        linearized at the current states); moves ``states`` in place.
+
+        Returns the blocks linearized at the moved states (with ``relinearize``; else
+        ``maps``) and, with ``with_terms``, the energy's terms there (else ``None``).
+        """
+        grads = self._grads(states, maps, targets, gammas)
+        for layer in range(1, len(states)):
+            self._move(states, velocity, kappas, layer, grads[layer - 1])
+        if not relinearize:
+            return maps, None
+        maps = [lin(x, False) for lin, x in zip(linearizers, states)]
+        if not with_terms:
+            return maps, None
+        return maps, self._terms(states, [m.prediction for m in maps], targets)
+
+    def _tolerance_step(
+        self,
+        linearizers: Sequence[Linearizer],
+        states: list[Tensor],
+        velocity: list[Tensor | None],
+        targets: Tensor,
+        gammas: Sequence[float],
+        kappas: Sequence[float],
+    ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+        """The energy's terms at ``states``, and one simultaneous step from there, out of
+        place (the caller takes it only if the energy says go on): ``(terms, moved states,
+        their velocity)``. The tolerance schedule's compiled unit: tensors in, tensors out.
+
+        A stop after it leaves its step unused: one step's state update (no forward pass)
+        per inference is the price of one compiled call per step."""
+        maps = [lin(x, False) for lin, x in zip(linearizers, states)]
+        terms = self._terms(states, [m.prediction for m in maps], targets)
+        grads = self._grads(states, maps, targets, gammas)
+        moved, speeds = list(states), list(velocity)
+        for layer in range(1, len(states)):
+            self._move(moved, speeds, kappas, layer, grads[layer - 1], in_place=False)
+        return terms, moved, speeds
+
+    def _move(
+        self,
+        states: list[Tensor],
+        velocity: list[Tensor | None],
+        kappas: Sequence[float],
+        layer: int,
+        grad: Tensor,
+        in_place: bool = True,
+    ) -> None:
+        """``x_l <- x_l - kappa_l v_l`` with ``v_l = m v_l + g`` (``v_l = g`` without
+        momentum ``m``); ``grad`` is a fresh temporary and may become ``v_l``. In place on
+        the tensors, or (``in_place=False``) into new tensors put in the two lists."""
+        if self.state_momentum:
+            buffer = velocity[layer - 1]
+            if buffer is not None:
+                grad = (buffer.mul_(self.state_momentum) if in_place else
+                        buffer * self.state_momentum).add_(grad)
+            velocity[layer - 1] = grad
+        if in_place:
+            states[layer].sub_(grad, alpha=kappas[layer - 1])
+        else:
+            states[layer] = states[layer].sub(grad, alpha=kappas[layer - 1])
+
+    @staticmethod
+    def _update_outputs(
+        blocks: Sequence[nn.Module],
+        block_inputs: Sequence[Tensor],
+        known: Sequence[Tensor | None] | None,
+        gammas: Sequence[float],
+    ) -> list[Tensor | None]:
+        """``f_l(z_{l-1})`` with a graph to the parameters (not to ``z``) for each block,
+        taken from ``known`` where given; ``None`` for a block with ``gamma_l = 0``."""
+        known = known or [None] * len(blocks)
+        with torch.enable_grad():
+            return [
+                None if not gamma else output if output is not None else block(z.detach())
+                for block, z, output, gamma in zip(blocks, block_inputs, known, gammas)
+            ]
 
     def _global_energies(
         self, previous: float | None, energy_before: Tensor, current: Tensor, trace: list[float]
@@ -403,11 +545,10 @@ class PredictiveCoding(LocalRule):
         same step. One all-reduce per call, of ``F_t`` (and of ``F_0 = energy_before`` too
         while ``previous`` is ``None``); in one process (no ``all_reduce_sum``) none.
         """
-        values = [current] if previous is not None else [energy_before, current]
+        values = torch.stack([current] if previous is not None else [energy_before, current])
         if self.all_reduce_sum is not None:
-            summed = self.all_reduce_sum(torch.stack(values).detach()).tolist()
-        else:
-            summed = [float(v) for v in values]
+            values = self.all_reduce_sum(values.detach())
+        summed = _read(values)
         if previous is None:
             previous = summed[0]
             trace.append(previous)
@@ -436,31 +577,32 @@ class PredictiveCoding(LocalRule):
                 stacklevel=4,
             )
 
-    def _linearize_all(
+    def _feedforward(
         self,
         blocks: Sequence[nn.Module],
-        states: list[Tensor],
-        extend: bool = False,
+        linearizers: Sequence[Linearizer],
+        inputs: Tensor,
         track: bool = False,
     ) -> tuple[list[Linearization], list[Tensor]]:
-        """Linearize every block at its input; with ``extend`` run the feedforward pass too."""
+        """The feedforward pass ``h_0 .. h_L`` with each block linearized at its input; a
+        block that cannot take the previous output gets a :class:`ShapeMismatchError`."""
         maps: list[Linearization] = []
-        activations = states if extend else list(states)
-        for index, block in enumerate(blocks):
+        activations = [inputs]
+        for index, (block, lin) in enumerate(zip(blocks, linearizers)):
             with shape_errors(index, block, activations[index]):
-                maps.append(linearize(block, activations[index], self.fast_path, track))
-            if extend:
-                activations.append(maps[-1].prediction)
+                maps.append(lin(activations[index], track))
+            activations.append(maps[-1].prediction)
         return maps, activations
 
     def _sequential_sweep(
         self,
-        blocks: Sequence[nn.Module],
+        linearizers: Sequence[Linearizer],
         states: list[Tensor],
         cached: Sequence[Linearization] | None,
         targets: Tensor,
         gammas: Sequence[float],
-        move: Callable[[int, Tensor], None],
+        kappas: Sequence[float],
+        velocity: list[Tensor | None],
     ) -> None:
         """One SI sweep ``l = L-1 .. 1``; each layer sees the freshly updated layer above.
 
@@ -472,16 +614,16 @@ class PredictiveCoding(LocalRule):
         def at(layer: int) -> Linearization:
             if cached is not None:
                 return cached[layer - 1]
-            return linearize(blocks[layer - 1], states[layer - 1], self.fast_path)
+            return linearizers[layer - 1](states[layer - 1], False)
 
-        hidden = len(blocks) - 1
+        hidden = len(linearizers) - 1
         above = at(hidden + 1)
-        above_error = gammas[-1] * self._output_error(above.prediction, targets)
+        above_error = _scaled(self._output_error(above.prediction, targets), gammas[-1])
         for layer in range(hidden, 0, -1):
             current = at(layer)
-            grad = gammas[layer - 1] * (states[layer] - current.prediction)
-            move(layer, grad - above.pullback(above_error))
-            above_error = gammas[layer - 1] * (states[layer] - current.prediction)
+            grad = _scaled(states[layer] - current.prediction, gammas[layer - 1])
+            self._move(states, velocity, kappas, layer, grad.sub_(above.pullback(above_error)))
+            above_error = _scaled(states[layer] - current.prediction, gammas[layer - 1])
             above = current
 
     # ----------------------------------------------------------- weight update
@@ -497,8 +639,9 @@ class PredictiveCoding(LocalRule):
         blocks = as_blocks(network)
         gammas = self._gammas(len(blocks) - 1)
         inputs = inference.feedforward[:-1] if self.fixed_prediction else inference.states
-        # with FPA the predictions are the feedforward pass's, kept with their graph if we can
-        known = inference.feedforward_outputs if self.fixed_prediction else None
+        # the predictions inference kept with their graph, if it did
+        known = inference.feedforward_outputs if self.fixed_prediction else (
+            inference.state_outputs)
         known = known or [None] * len(blocks)
         terms = local_losses(
             blocks[:-1], inputs[:-1], inference.states[1:], gammas[:-1], known[:-1]
@@ -509,18 +652,20 @@ class PredictiveCoding(LocalRule):
         return terms.sum(), terms
 
     def rule_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
-        # without FPA the surrogate's forward pass is at the final states: it gives the final
-        # energy, so inference skips computing it
-        inference = self._run(
-            network, inputs, targets, self.fixed_prediction, keep_outputs=self.fixed_prediction
-        )
-        surrogate, terms = self.weight_loss(network, inference, targets)
-        check_finite(surrogate, "the predictive-coding energy")
+        # without FPA the update's forward pass at the final states (inference keeps its
+        # predictions) gives the final energy, so inference skips computing it
+        inference = self._run(network, inputs, targets, self.fixed_prediction, keep_outputs=True)
+        matrix = inference.target_matrix  # the labels, one-hot once for the whole step
+        surrogate, terms = self.weight_loss(network, inference, matrix)
+        output = inference.feedforward[-1]
+        checks = StepChecks()  # read once, at the end, before anything touches the weights
+        checks.labels(self.loss, output, targets)
+        checks.finite(surrogate, "the predictive-coding energy")
         batch = inputs.shape[0]
         if not self.fixed_prediction:
             inference.energy_per_layer = terms.detach() * batch
             inference.energy_after = inference.energy_per_layer.sum()
-        output = inference.feedforward[-1]
+        checks.finite(inference.energy_after, "the energy after inference")
         errors = [x - h for x, h in zip(inference.states[1:], inference.feedforward[1:-1])]
         # ||eps_l||^2 = 2 F_l / gamma_l for the hidden terms F_l of the final energy
         # built on the energy's device: no host round trip in the training step
@@ -532,16 +677,12 @@ class PredictiveCoding(LocalRule):
         error_rms = (inference.energy_per_layer.detach()[:-1] * scale).sqrt()
         metrics = {
             "energy_before": inference.energy_before.detach() / batch,
-            "energy_after": check_finite(inference.energy_after, "the energy after inference")
-            / batch,
+            "energy_after": inference.energy_after.detach() / batch,
             "inference_steps": torch.tensor(float(inference.steps)),
             "state_update_rms": torch.stack([rms(e) for e in errors]),
             "error_rms": error_rms,
             "energy_per_layer": inference.energy_per_layer.detach() / batch,
         }
-        return StepResult(
-            loss=self.loss.mean(output, targets).detach(),
-            surrogate=surrogate,
-            output=output.detach(),
-            metrics=metrics,
-        )
+        loss = self.loss.mean(output, matrix).detach()
+        checks.verify()
+        return StepResult(loss=loss, surrogate=surrogate, output=output.detach(), metrics=metrics)

@@ -28,6 +28,14 @@ processes at batch ``B``) the noise ``xi`` is drawn per global sample: every pro
 ``(NB, ...)`` noise one process at ``NB`` draws and keeps its own rows
 (:meth:`~lightning_local.rules.base.ProcessLayout.global_randn_like`), so ``N`` processes at
 ``B`` train exactly like one at ``NB`` and the global batch sees ``NB`` independent noises.
+
+Host synchronizations: a step reads the device once, for its checks (labels in range, a
+finite surrogate), after the labels became the float target matrix once. The inference step
+that :meth:`~lightning_local.rules.base.LocalRule.compile_inference` compiles is step 3, the
+targets (:meth:`TargetPropagation._target_step`); the feedforward pass and the feedback fits
+(ridge solves, noisy reconstruction) stay eager: they are a few large operations each (a
+matmul per layer, a linear solve, or one autograd pass), which compiling would not speed up,
+and the closed form writes the feedback weights in place between them.
 """
 
 from __future__ import annotations
@@ -56,8 +64,8 @@ from lightning_local.rules._feedback import (
 from lightning_local.rules.base import (
     LocalRule,
     RuleSettings,
+    StepChecks,
     StepResult,
-    check_finite,
     full_precision,
     local_loss,
     setting,
@@ -224,6 +232,7 @@ class TargetPropagation(LocalRule):
 
     name = "tp"
     Settings = TargetPropagationSettings
+    inference_method = "_target_step"
     full_precision_update = True
     settings: TargetPropagationSettings
 
@@ -391,39 +400,54 @@ class TargetPropagation(LocalRule):
                 targets.append(g(targets[-1]))
         return targets[::-1], errors[::-1]
 
+    def _target_step(
+        self, feedback: nn.ModuleList, activations: list[Tensor], targets: Tensor
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """The inference step (what :meth:`compile_inference` compiles): the target matrix
+        ``y`` (one-hot labels, unchecked: the step checks their range), then
+        :meth:`_targets` from ``d loss / d f`` at ``f = h_L``. Returns ``(y, targets,
+        reconstruction errors)``; runs under the caller's ``no_grad``."""
+        matrix = self.loss.target_matrix(activations[-1], targets, validate=False)
+        output_grad = self.loss.grad(activations[-1], matrix)
+        return matrix, *self._targets(feedback, activations, output_grad)
+
     @torch.no_grad()
     def _feedforward_and_targets(
         self, network: nn.Module, inputs: Tensor, targets: Tensor
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    ) -> tuple[list[Tensor], Tensor, list[Tensor], list[Tensor]]:
+        """``(h_0 .. h_L, y, [tau_1 .. tau_L], reconstruction errors)`` for a batch."""
         blocks, feedback = self._parts(network)
         with full_precision(inputs):  # targets and feedback fits: fp32 under mixed precision
             activations = feedforward(blocks, inputs)
             if self.feedback_training == "ridge":
                 self.fit_feedback(network, activations)
-            output_grad = self.loss.grad(activations[-1], targets)
-            return activations, *self._targets(feedback, activations, output_grad)
+            return activations, *self._inference_step()(feedback, activations, targets)
 
     def layer_targets(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
         """The targets ``[tau_1, ..., tau_L]`` that :meth:`training_loss` builds for a batch.
 
         Closed-form feedback is fitted on the batch first (and stays written in the network).
         """
-        return self._feedforward_and_targets(network, inputs, targets)[1]
+        activations, _, layer_targets, _ = self._feedforward_and_targets(network, inputs, targets)
+        self.loss.check_labels(activations[-1], targets)
+        return layer_targets
 
     def rule_loss(self, network: nn.Module, inputs: Tensor, targets: Tensor) -> StepResult:
         blocks, feedback = self._parts(network)
-        activations, layer_targets, errors = self._feedforward_and_targets(
+        activations, matrix, layer_targets, errors = self._feedforward_and_targets(
             network, inputs, targets
         )
         output = activations[-1]
-        loss = self.loss.mean(output, targets)
+        checks = StepChecks()  # read once, at the end, before anything touches the weights
+        checks.labels(self.loss, output, targets)
+        loss = self.loss.mean(output, matrix)
         weights = self._weights(len(blocks))
         forward_loss = local_loss(blocks, activations[:-1], layer_targets, weights)
         surrogate = forward_loss
         if self.feedback_training == "noisy":
             reconstruction = self._reconstruction_sum(blocks, feedback, activations)
             surrogate = surrogate + reconstruction / inputs.shape[0]
-        check_finite(surrogate, "the target-propagation local loss")
+        checks.finite(surrogate, "the target-propagation local loss")
         batch = inputs.shape[0]
         metrics = {
             "local_loss": torch.stack([
@@ -438,7 +462,8 @@ class TargetPropagation(LocalRule):
         if self.feedback_training == "noisy":
             metrics["feedback_loss"] = reconstruction.detach() / batch
         if self.compute_bp_angle:
-            metrics["bp_angle"] = self._bp_angles(blocks, inputs, targets, forward_loss)
+            metrics["bp_angle"] = self._bp_angles(blocks, inputs, matrix, forward_loss)
+        checks.verify()
         return StepResult(loss=loss, surrogate=surrogate, output=output, metrics=metrics)
 
     def _bp_angles(
