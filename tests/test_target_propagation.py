@@ -558,3 +558,23 @@ def test_noisy_dtp_on_ranks_equals_one_process_on_the_global_batch(loss):
     gap = max(float(((a + b) / 2 - expected).abs().max())
               for a, b, expected in list(zip(*alone, whole))[feedback:])
     assert gap > 1e-2, gap
+
+
+def test_noisy_dtp_on_the_1d_cnn_gets_resize_convolutions_that_map_back():
+    """CNN1d's conv blocks get ``Upsample -> Conv1d`` feedback whose outputs have the shape of
+    the layer below [the forward pass's own activations], and noisy DTP trains it."""
+    from lightning_local.models import CNN1d
+    from lightning_local.network import feedforward
+    from lightning_local.wiring import wire
+
+    torch.manual_seed(0)
+    run = wire(CNN1d(width=8), TargetPropagation(variant="dtp", feedback_training="noisy"),
+               "mup", base_width=4)
+    x, y = torch.randn(16, 40), torch.randint(0, 10, (16,))
+    activations = feedforward(list(run.network.blocks), x)
+    assert isinstance(run.network.feedback[0][1], nn.Conv1d)
+    for index, g in enumerate(run.network.feedback):  # g_{l} maps h_l back to h_{l-1}
+        assert g(activations[index + 2]).shape == activations[index + 1].shape
+    optimizer = run.build_optimizer(lr=0.1)
+    losses = [float(run.rule.step(run.network, x, y, optimizer).loss) for _ in range(6)]
+    assert losses[-1] < losses[0]

@@ -8,8 +8,9 @@ read off the forward block ``f_l``:
   ``nn.Linear``'s (e.g. a residual block ``h + tanh(W h)``) with a flat output, gets
   ``Q_l = nn.Linear(out, in, bias=False)``, followed by ``nn.Unflatten`` when ``h_{l-1}`` is
   not flat;
-- a block ``Conv2d -> activation -> [AvgPool2d | MaxPool2d]`` gets a resize-convolution
-  ``nn.Upsample(h_{l-1}'s size) -> nn.Conv2d(out, in, same kernel and padding)``: a transposed
+- a block ``Conv2d -> activation -> [AvgPool2d | MaxPool2d]`` (or the same in 1-D) gets a
+  resize-convolution ``nn.Upsample(h_{l-1}'s size) -> nn.Conv2d(out, in, same kernel and
+  padding)`` (``Conv1d`` in 1-D): a transposed
   convolution with a nearest-neighbour kernel, kept as ``Conv2d`` so muP classifies its weight
   like a forward conv (``mup`` reads ``ConvTranspose2d`` weights with fan-in and fan-out
   swapped, and the parametrization refuses them).
@@ -48,7 +49,7 @@ _ELEMENTWISE = (
     nn.Tanh, nn.ReLU, nn.Identity, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU,
     nn.Softplus, nn.Hardtanh,
 )
-_POOLS = (nn.AvgPool2d, nn.MaxPool2d)
+_POOLS = (nn.AvgPool1d, nn.MaxPool1d, nn.AvgPool2d, nn.MaxPool2d)
 
 
 def _layers(block: nn.Module) -> list[nn.Module]:
@@ -126,7 +127,9 @@ def _one_linear_inside(block: nn.Module) -> bool:
 
 def _conv_feedback(block: nn.Module, in_shape: tuple, out_shape: tuple) -> nn.Module | None:
     layers = _layers(block)
-    if not (isinstance(layers[0], nn.Conv2d) and len(in_shape) == 3 and len(out_shape) == 3):
+    conv_types = {2: nn.Conv1d, 3: nn.Conv2d}  # per-sample (channels, *spatial) ranks
+    conv_type = conv_types.get(len(in_shape))
+    if conv_type is None or type(layers[0]) is not conv_type or len(out_shape) != len(in_shape):
         return None
     conv, tail = layers[0], layers[1:]
     if not all(isinstance(m, (*_ELEMENTWISE, *_POOLS)) for m in tail) or conv.groups != 1:
@@ -136,7 +139,7 @@ def _conv_feedback(block: nn.Module, in_shape: tuple, out_shape: tuple) -> nn.Mo
     else:
         padding = tuple(conv.padding)
     upsample = nn.Upsample(size=tuple(in_shape[1:]), mode="nearest")
-    resize = nn.Conv2d(out_shape[0], in_shape[0], conv.kernel_size, padding=padding, bias=False,
+    resize = conv_type(out_shape[0], in_shape[0], conv.kernel_size, padding=padding, bias=False,
                        **_like(block))
     gaussian_init_(resize)
     feedback = nn.Sequential(upsample, resize)

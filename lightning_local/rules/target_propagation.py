@@ -52,7 +52,7 @@ from lightning_local.diagnostics.alignment import update_alignment
 from lightning_local.diagnostics.measures import rms
 from lightning_local.errors import LocalLearningError, UnsupportedNetworkError
 from lightning_local.losses import LossName, OutputLoss
-from lightning_local.models import CNN
+from lightning_local.models import CNN, CNN1d
 from lightning_local.network import as_blocks, feedforward
 from lightning_local.rules._feedback import (
     FeedbackKind,
@@ -115,6 +115,9 @@ class TPNetwork(nn.Module):
         if input_shape is None and isinstance(network, CNN):
             size = network.config["image_size"]
             input_shape = (network.config["in_channels"], size, size)
+        if input_shape is None and isinstance(network, CNN1d):
+            channels, length = network.config["in_channels"], network.config["length"]
+            input_shape = (length,) if channels == 1 else (channels, length)
         if isinstance(feedback, str):
             feedback = build_feedback(blocks, feedback, input_shape, sigma)
         elif not isinstance(feedback, nn.ModuleList) or len(feedback) != len(blocks) - 1:
