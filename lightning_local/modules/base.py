@@ -201,20 +201,48 @@ def _caller_init_args(module: nn.Module, frame: Any) -> dict[str, Any]:
     return collected
 
 
+def _norms(tensors: list[Tensor]) -> Tensor:
+    """The 2-norm of each tensor, in one fused pass (non-finite when any entry is, and it
+    bounds the largest entry from above); an order of magnitude cheaper than ``isfinite`` or
+    the max norm on large weights."""
+    return torch.stack(torch._foreach_norm(tensors, 2.0)).float()
+
+
 def _first_nonfinite(network: nn.Module, *, gradients: bool) -> str | None:
     """The name of the first parameter whose gradient (or value) is not finite, else None;
-    one host synchronisation when all are finite."""
+    one fused pass and one host synchronisation when all are finite."""
     named = [
-        (name, p.grad if gradients else p)
+        (name, (p.grad if gradients else p).detach())
         for name, p in network.named_parameters()
-        if not gradients or p.grad is not None
+        if (not gradients or p.grad is not None) and p.numel()
     ]
     if not named:
         return None
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    finite = torch.isfinite(_norms([t for _, t in named]))
     if bool(finite.all()):
         return None
-    return named[int((~finite).nonzero()[0])][0]
+    for index in (~finite).nonzero().flatten().tolist():  # exact check where the norm is not
+        if not bool(torch.isfinite(named[index][1]).all()):
+            return named[index][0]
+    return None  # finite entries whose norm overflows: the weight-size check judges them
+
+
+def _first_diverged(network: nn.Module, limit: float | None) -> tuple[str, float] | None:
+    """``(name, largest |entry|)`` of the first parameter with a non-finite entry or one above
+    ``limit``, else None. The 2-norms bound every entry, so when all are within ``limit`` one
+    fused pass decides; the largest entry is computed only for a parameter above it."""
+    named = [(name, p.detach()) for name, p in network.named_parameters() if p.numel()]
+    if not named:
+        return None
+    bound = math.inf if limit is None else float(limit)
+    suspicious = ~(_norms([p for _, p in named]) <= bound)  # NaN, inf or above the bound
+    if not bool(suspicious.any()):
+        return None
+    for index in suspicious.nonzero().flatten().tolist():
+        largest = float(named[index][1].abs().max())  # NaN propagates
+        if not math.isfinite(largest) or largest > bound:
+            return named[index][0], largest
+    return None
 
 
 def _dynamo_backend(context: Any) -> Any:
@@ -226,21 +254,6 @@ def _dynamo_backend(context: Any) -> Any:
     compiler = getattr(inner, "_torchdynamo_orig_backend", None) or getattr(
         inner, "compiler_fn", None)
     return compiler
-
-
-def _first_diverged(network: nn.Module, limit: float | None) -> tuple[str, float] | None:
-    """``(name, largest |entry|)`` of the first parameter with a non-finite entry or one above
-    ``limit``, else None; one fused max-norm and one host synchronisation when all are fine."""
-    named = [(name, p.detach()) for name, p in network.named_parameters() if p.numel()]
-    if not named:
-        return None
-    largest = torch.stack(torch._foreach_norm([p for _, p in named], float("inf"))).float()
-    bound = math.inf if limit is None else float(limit)
-    fine = torch.isfinite(largest) & (largest <= bound)
-    if bool(fine.all()):
-        return None
-    index = int((~fine).nonzero()[0])
-    return named[index][0], float(largest[index])
 
 
 _LOADING: contextvars.ContextVar[str] = contextvars.ContextVar("loading", default="(loaded)")
@@ -1003,12 +1016,17 @@ class LocalLearningModule(L.LightningModule):
         )
 
     def _log_training(self, result: StepResult, batch_size: int) -> None:
-        """Per-step loss and rule metrics (per-layer ones as ``name/layer_i``); epoch mean loss."""
+        """Per-step loss and scalar rule metrics; per-layer ones (``name/layer_i``) on the
+        Trainer's logging steps only (``log_every_n_steps``: what a logger receives anyway,
+        at a fraction of the cost); the epoch's mean loss."""
         self.log("train/loss", result.loss, prog_bar=True, batch_size=batch_size)
         self._ll_train_loss.update(result.loss)
         self.log("train/loss_epoch", self._ll_train_loss, on_step=False, on_epoch=True)
+        per_layer = self._logging_step()
         for name, value in result.metrics.items():
             value = value.detach()
+            if value.dim() and not per_layer:
+                continue
             if value.dim() == 0:
                 self.log(
                     f"train/{name}",
@@ -1019,6 +1037,15 @@ class LocalLearningModule(L.LightningModule):
             else:
                 for index, entry in enumerate(value.flatten()):
                     self.log(f"train/{name}/layer_{index}", entry.float(), batch_size=batch_size)
+
+    def _logging_step(self) -> bool:
+        """Whether the Trainer hands this step's logs to its loggers."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        connector = getattr(trainer, "_logger_connector", None)
+        should = getattr(connector, "should_update_logs", None)
+        return True if should is None else bool(should)
 
     def _evaluate(
         self, batch: Any, stage: str, loss_metric: MeanMetric, accuracy: Metric | None
