@@ -208,9 +208,9 @@ def test_fit_own_classes_from_the_current_folder_keeps_their_defaults(tmp_path, 
     sys.modules.pop("usermod_cli", None)
 
 
-def _cli_optimizer(width: int, *optimizer: str):
+def _cli_optimizer(width: int, *optimizer: str, module: str = "PredictiveCodingModule"):
     built = cli.run_lightning_cli(
-        ["--model", "PredictiveCodingModule", "--model.parametrization", "mup",
+        ["--model", module, "--model.parametrization", "mup",
          "--model.network", "lightning_local.models.MLP", "--model.network.width", str(width),
          "--model.base_width", "16", *optimizer],
         run=False,
@@ -218,9 +218,12 @@ def _cli_optimizer(width: int, *optimizer: str):
     return built.model.configure_optimizers()
 
 
-def test_cli_optimizer_gets_mups_groups_with_the_tables_exponents():
+@pytest.mark.parametrize(("module", "rule"), [("BackpropModule", "bp"),
+                                              ("PredictiveCodingModule", "pc"),
+                                              ("TargetPropagationModule", "tp")])
+def test_cli_optimizer_gets_mups_groups_with_the_tables_exponents(module, rule):
     """`--optimizer Adam --optimizer.lr 1e-3`: per-role lr = 1e-3 m^-c with c from muP's Adam
-    table (fitted across widths), not one SP group."""
+    table of the rule (fitted across widths), not one SP group."""
     import math
 
     from lightning_local.parametrization import MuP
@@ -229,13 +232,13 @@ def test_cli_optimizer_gets_mups_groups_with_the_tables_exponents():
     lrs = []
     for width in widths:
         configured = _cli_optimizer(width, "--optimizer", "Adam", "--optimizer.lr", "0.001",
-                                    "--optimizer.betas", "[0.8, 0.9]")
+                                    "--optimizer.betas", "[0.8, 0.9]", module=module)
         optimizer = configured[0][0] if isinstance(configured, tuple) else configured
         optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
         assert isinstance(optimizer, torch.optim.Adam)
         assert all(g["betas"] == (0.8, 0.9) for g in optimizer.param_groups)
         lrs.append({g["role"]: g["lr"] for g in optimizer.param_groups})
-    table = MuP().exponents("pc", "adam")
+    table = MuP().exponents(rule, "adam")
     for role in lrs[0]:
         slope = (math.log(lrs[-1][role]) - math.log(lrs[0][role])) / math.log(
             widths[-1] / widths[0])

@@ -12,7 +12,8 @@ Checks (reference in brackets):
 - resume from a mid-epoch, a last-batch and an epoch-end checkpoint  [the uninterrupted run,
   0 difference];
 - gradient accumulation over 2 micro-batches  [the surrogates' gradients summed by hand];
-- gradient clipping by norm  [``torch.nn.utils.clip_grad_norm_`` on the hand-run step];
+- gradient clipping by norm and by value  [``clip_grad_norm_`` / ``clip_grad_value_`` on the
+  hand-run step];
 - compiled blocks  [the uncompiled network].
 
 Two-process DDP parity per rule lives in ``tests/test_distributed.py`` (it launches processes).
@@ -97,7 +98,8 @@ def _trainer(**kwargs) -> L.Trainer:
 
 
 def _by_hand(rule: LocalRule, network: nn.Module, batches, lr: float = 0.1, *,
-             accumulate: int = 1, clip: float | None = None) -> nn.Module:
+             accumulate: int = 1, clip: float | None = None,
+             clip_algorithm: str = "norm") -> nn.Module:
     """The rule's step in plain PyTorch on a wired ``network``: the reference every check
     compares against."""
     optimizer = torch.optim.SGD(network.parameters(), lr=lr)
@@ -107,8 +109,10 @@ def _by_hand(rule: LocalRule, network: nn.Module, batches, lr: float = 0.1, *,
         for x, y in batches[start:start + accumulate]:
             result = rule.training_loss(network, x, y)
             (result.surrogate / accumulate).backward()
-        if clip is not None:
+        if clip is not None and clip_algorithm == "norm":
             torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
+        elif clip is not None:
+            torch.nn.utils.clip_grad_value_(network.parameters(), clip)
         optimizer.step()
     return network
 
@@ -234,11 +238,12 @@ def test_accumulation_equals_summed_micro_batch_gradients(name):
     _assert_same(model.trained_network, _reference(name, dataset, accumulate=2))
 
 
+@pytest.mark.parametrize(("algorithm", "clip"), [("norm", 0.05), ("value", 0.005)])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_clipping_by_norm_equals_torch_clipping(name):
+def test_clipping_equals_torch_clipping(name, algorithm, clip):
     dataset = _data()
-    model = _fit(name, dataset, gradient_clip_val=0.05)
-    reference = _reference(name, dataset, clip=0.05)
+    model = _fit(name, dataset, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    reference = _reference(name, dataset, clip=clip, clip_algorithm=algorithm)
     _assert_same(model.trained_network, reference)
     unclipped = _reference(name, dataset)
     assert any(not torch.allclose(p, q) for p, q in
