@@ -46,6 +46,9 @@ DTP_NOISY: dict[str, Any] = dict(
 RELU4: dict[str, Any] = dict(depth=4, activation="relu")
 CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # name: (rule, network settings, module settings)
+    "pc_si_fpa": ("pc", {}, dict(inference="sequential", fixed_prediction=True)),
+    "pc_si": ("pc", {}, dict(inference="sequential", inference_steps=2,
+                             fixed_prediction=False)),
     "pc_tolerance": ("pc", {}, PC_TOLERANCE),
     "dtp_noisy": ("tp", {}, DTP_NOISY),
     "relu4_ce_bp": ("bp", RELU4, {"loss": "cross_entropy"}),

@@ -51,6 +51,7 @@ SCRIPT = ROOT / "tests" / "_ddp_cases.py"  # the cases, on the example's data an
 RULES = ("bp", "pc", "tp")
 # cases that need the global batch before the surrogate, and a deeper ReLU/cross-entropy net
 GLOBAL_CASES = ("pc_tolerance", "dtp_noisy")
+SI_CASES = ("pc_si_fpa", "pc_si")  # PC's sequential schedules, with and without FPA
 RELU4_CASES = ("relu4_ce_bp", "relu4_ce_pc_tolerance", "relu4_ce_dtp_ridge",
                "relu4_ce_dtp_noisy")
 BATCH, SAMPLES, WIDTH, SEED = 4, 16, 32, 0  # 2 ranks x 4 = 8 per step: 2 steps per epoch
@@ -93,7 +94,7 @@ def _launch(args: list[str], timeout: float = 400, script: Path = EXAMPLE) -> No
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``{"ddp": dir, "spawn": dir, "single": dir}`` of per-rank result files."""
     folders = {name: tmp_path_factory.mktemp(name) for name in ("ddp", "spawn", "single")}
-    cases = [*RULES, *GLOBAL_CASES, *RELU4_CASES]
+    cases = [*RULES, *SI_CASES, *GLOBAL_CASES, *RELU4_CASES]
     shared = ["--samples", str(SAMPLES), "--width", str(WIDTH), "--seed", str(SEED),
               "--epochs", "1"]
     _launch(["--cases", *cases, "--devices", "2", "--batch-size", str(BATCH),
@@ -182,9 +183,10 @@ def test_ddp_two_processes_equal_one_process_with_one_all_reduce_per_step(runs, 
     _check_against_one_process(runs["ddp"], runs["single"], rule)
 
 
-@pytest.mark.parametrize("case", GLOBAL_CASES + RELU4_CASES)
+@pytest.mark.parametrize("case", SI_CASES + GLOBAL_CASES + RELU4_CASES)
 def test_ddp_equals_one_process_where_the_rule_needs_the_global_batch(runs, case):
-    """PC's tolerance schedule and DTP's noisy feedback, and every rule on a depth-4 ReLU
+    """PC's sequential schedules (with and without FPA) and its tolerance schedule, DTP's
+    noisy feedback, and every rule on a depth-4 ReLU
     network with cross-entropy: ranks bit-identical, = 1 x 2B (< 1e-6), 1 gradient all-reduce
     per step. Each PC step's inference stops where the single process stops on the global
     batch, strictly between the first step and the cap, on both ranks. [Without the global
