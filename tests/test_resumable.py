@@ -81,3 +81,31 @@ def test_iterating_leaves_the_global_random_state_alone():
     before = torch.get_rng_state()
     _epoch(loader, 0)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_lightning_may_put_its_own_sampler_in_place_and_the_loader_still_works():
+    """``Trainer(overfit_batches=2)`` rebuilds the loader with a sequential sampler: it trains
+    on the first two batches in order [the data set's order], and its state says it has no
+    seeded position (nothing to restore on resume)."""
+    import lightning as L
+
+    from lightning_local.models import MLP
+    from lightning_local.modules import BackpropModule
+
+    x = torch.randn(N, 6)
+    dataset = TensorDataset(x, torch.randint(0, 3, (N,)))
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(batch[0].clone())
+
+    trainer = L.Trainer(overfit_batches=2, max_epochs=1, logger=False, callbacks=[Record()],
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(BackpropModule(network=MLP(in_features=6, width=8, num_classes=3)),
+                ResumableDataLoader(dataset, BATCH, seed=1))
+    assert len(seen) == 2
+    torch.testing.assert_close(torch.cat(seen), x[: 2 * BATCH], rtol=0, atol=0)
+    loader = trainer.train_dataloader
+    assert not loader.resumable and loader.state_dict() == {"resumable": False}

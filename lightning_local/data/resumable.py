@@ -96,24 +96,35 @@ class ResumableDataLoader(DataLoader):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        sampler: Any = None,
+        generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> None:
-        sampler = ResumableSampler(
-            dataset, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank
-        )
-        generator = torch.Generator().manual_seed(seed)
+        if sampler is None:  # a sampler given is Lightning's (e.g. overfit_batches): kept
+            sampler = ResumableSampler(
+                dataset, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank
+            )
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed)
         super().__init__(
             dataset, batch_size=batch_size, sampler=sampler, generator=generator, **kwargs
         )
         self.seed = seed
-        self._epoch_started = sampler.epoch
+        self._epoch_started = getattr(sampler, "epoch", 0)
         self._batches_handed_out = 0
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the order is the seeded one (not a sampler Lightning put in its place)."""
+        return isinstance(self.sampler, ResumableSampler)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler
-        assert isinstance(sampler, ResumableSampler)
+        if not isinstance(sampler, ResumableSampler):
+            yield from super().__iter__()
+            return
         skipped = sampler._skip[1] if sampler._skip is not None else 0
-        self._epoch_started = sampler.epoch
+        self._epoch_started = getattr(sampler, "epoch", 0)
         self._batches_handed_out = skipped // self.batch_size if self.batch_size else 0
         for batch in super().__iter__():
             self._batches_handed_out += 1
@@ -123,7 +134,8 @@ class ResumableDataLoader(DataLoader):
         """The epoch and how many of its batches were handed out (an epoch that was handed out
         entirely is stored as the start of the next)."""
         sampler = self.sampler
-        assert isinstance(sampler, ResumableSampler)
+        if not isinstance(sampler, ResumableSampler):
+            return {"resumable": False}
         epoch, batches = self._epoch_started, self._batches_handed_out
         if batches == 0:  # not iterated yet in this epoch
             epoch = sampler.epoch
@@ -145,6 +157,8 @@ class ResumableDataLoader(DataLoader):
             LocalLearningError: when the data set size, batch size, seed or process count differ
                 from the checkpoint's (the position would point elsewhere in the data).
         """
+        if not self.resumable or not state.get("resumable", True):
+            return  # another sampler's order (Lightning's): there is no position to restore
         current = {
             "seed": self.seed,
             "num_samples": len(self.dataset),  # type: ignore[arg-type]
