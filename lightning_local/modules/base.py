@@ -208,34 +208,18 @@ def _norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2.0)).float()
 
 
-def _first_nonfinite(network: nn.Module, *, gradients: bool) -> str | None:
-    """The name of the first parameter whose gradient (or value) is not finite, else None;
-    one fused pass and one host synchronisation when all are finite."""
-    named = [
-        (name, (p.grad if gradients else p).detach())
-        for name, p in network.named_parameters()
-        if (not gradients or p.grad is not None) and p.numel()
-    ]
-    if not named:
-        return None
-    finite = torch.isfinite(_norms([t for _, t in named]))
-    if bool(finite.all()):
-        return None
-    for index in (~finite).nonzero().flatten().tolist():  # exact check where the norm is not
-        if not bool(torch.isfinite(named[index][1]).all()):
-            return named[index][0]
-    return None  # finite entries whose norm overflows: the weight-size check judges them
-
-
-def _first_diverged(network: nn.Module, limit: float | None) -> tuple[str, float] | None:
-    """``(name, largest |entry|)`` of the first parameter with a non-finite entry or one above
+def _first_diverged(
+    named: list[tuple[str, Tensor]], limit: float | None = None
+) -> tuple[str, float] | None:
+    """``(name, largest |entry|)`` of the first tensor with a non-finite entry or one above
     ``limit``, else None. The 2-norms bound every entry, so when all are within ``limit`` one
-    fused pass decides; the largest entry is computed only for a parameter above it."""
-    named = [(name, p.detach()) for name, p in network.named_parameters() if p.numel()]
+    fused pass and one host synchronisation decide; the largest entry is computed only for a
+    tensor above it (a finite tensor whose norm alone overflows passes without a limit)."""
+    named = [(name, t.detach()) for name, t in named if t.numel()]
     if not named:
         return None
     bound = math.inf if limit is None else float(limit)
-    suspicious = ~(_norms([p for _, p in named]) <= bound)  # NaN, inf or above the bound
+    suspicious = ~(_norms([t for _, t in named]) <= bound)  # NaN, inf or above the bound
     if not bool(suspicious.any()):
         return None
     for index in suspicious.nonzero().flatten().tolist():
@@ -891,7 +875,10 @@ class LocalLearningModule(L.LightningModule):
             self.manual_backward(result.surrogate if k == 1 else result.surrogate / k)
         if last:
             scaler = self._loss_scaler()
-            bad = _first_nonfinite(self.trained_network, gradients=True)
+            gradients = [(name, p.grad) for name, p in self.trained_network.named_parameters()
+                         if p.grad is not None]
+            diverged = _first_diverged(gradients)
+            bad = diverged[0] if diverged is not None else None
             if bad is not None and scaler is None:
                 return self._skip_or_raise(
                     f"the gradient of {bad} is not finite.{self._lr_hint(bad)}", optimizer
@@ -909,7 +896,7 @@ class LocalLearningModule(L.LightningModule):
                 )
             optimizer.step()
             limit = settings.max_weight_magnitude
-            diverged = _first_diverged(self.trained_network, limit)
+            diverged = _first_diverged(list(self.trained_network.named_parameters()), limit)
             if diverged is not None:  # before this step's checkpoint: nothing reaches disk
                 name, magnitude = diverged
                 state = ("is not finite" if not math.isfinite(magnitude) else
