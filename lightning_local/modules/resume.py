@@ -59,19 +59,12 @@ def run_identity(
     return {
         "format": IDENTITY_FORMAT,
         "module": f"{module_class.__module__}.{module_class.__qualname__}",
-        "rule": _plain(dict(rule_hparams)),
-        "parametrization": _plain(dict(parametrization_hparams)),
+        "rule": dict(rule_hparams),  # plain values already (RuleSettings.to_dict)
+        "parametrization": dict(parametrization_hparams),
         "optimizer": str(optimizer),
         "base_width": int(base_width),
         "base_shapes": base_shapes_of(network),
         "shapes": {name: list(p.shape) for name, p in network.named_parameters()},
-    }
-
-
-def _plain(values: dict[str, Any]) -> dict[str, Any]:
-    """Values as plain Python (tuples as lists), as they come back from a checkpoint."""
-    return {
-        key: list(value) if isinstance(value, tuple) else value for key, value in values.items()
     }
 
 
