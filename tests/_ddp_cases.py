@@ -20,16 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from _module_fixtures import module_class  # this folder is on the path: a script, or pytest
 
 from lightning_local.callbacks import LocalUpdateAlignment
 from lightning_local.distributed import AllReduceCounter, LocalDDPStrategy
 from lightning_local.models import MLP
 from lightning_local.modules import (
-    BackpropModule,
     LocalLearningModule,
-    PredictiveCodingModule,
-    TargetPropagationModule,
 )
+from lightning_local.rules import RULES
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
 EXAMPLE_RULES = ("bp", "pc", "tp")
@@ -61,8 +60,10 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     ),
     "relu4_ce_dtp_noisy": ("tp", RELU4, {"loss": "cross_entropy", **DTP_NOISY}),
 }
+# every registered rule with its default settings: a new rule gets the DDP parity check too
+for _family in RULES:
+    CASES[f"registered_{_family}"] = (_family, {}, {})
 ALL_CASES = (*EXAMPLE_RULES, *CASES)
-MODULES = {"bp": BackpropModule, "pc": PredictiveCodingModule, "tp": TargetPropagationModule}
 
 
 def example() -> Any:
@@ -79,7 +80,8 @@ def build_module(case: str, width: int, lr: float) -> LocalLearningModule:
         return example().build_module(case, width, 3, lr)
     rule, network_settings, settings = CASES[case]
     network = MLP(in_features=40, width=width, num_classes=10, **network_settings)
-    return MODULES[rule](network, parametrization="mup", base_width=16, lr=lr, **settings)
+    return module_class(RULES[rule])(network, parametrization="mup", base_width=16, lr=lr,
+                                     **settings)
 
 
 def saving_callback(out: Path, case: str, counter: AllReduceCounter | None) -> L.Callback:

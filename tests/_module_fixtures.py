@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_local.modules as modules
 from lightning_local.models import MLP
+from lightning_local.modules import LocalLearningModule
+from lightning_local.rules import LocalRule
 
 IN, CLASSES, WIDTH, BASE = 8, 3, 32, 16
 
@@ -55,3 +58,14 @@ def mse(model: nn.Module, dataset: TensorDataset) -> float:
     with torch.no_grad():
         f = model(x)
     return float(0.5 * (f - F.one_hot(y, CLASSES).float()).pow(2).sum(1).mean())
+
+
+def module_class(rule_class: type[LocalRule]) -> type[LocalLearningModule]:
+    """The library's preset for the rule, else a preset made the way the library makes one
+    (so a newly registered rule gets every module-level battery)."""
+    for value in vars(modules).values():
+        if (isinstance(value, type) and issubclass(value, LocalLearningModule)
+                and value.__dict__.get("rule_class") is rule_class):
+            return value
+    return type(f"{rule_class.__name__}Module", (LocalLearningModule,),
+                {"rule_class": rule_class})

@@ -42,6 +42,7 @@ from lightning_local.distributed import (
 from lightning_local.errors import LocalLearningError
 from lightning_local.models import MLP
 from lightning_local.modules import BackpropModule, PredictiveCodingModule
+from lightning_local.rules import RULES as RULES_REGISTRY
 from lightning_local.rules import PredictiveCoding
 from lightning_local.rules.base import ProcessLayout
 
@@ -52,6 +53,7 @@ RULES = ("bp", "pc", "tp")
 # cases that need the global batch before the surrogate, and a deeper ReLU/cross-entropy net
 GLOBAL_CASES = ("pc_tolerance", "dtp_noisy")
 SI_CASES = ("pc_si_fpa", "pc_si")  # PC's sequential schedules, with and without FPA
+REGISTERED_CASES = tuple(f"registered_{family}" for family in RULES_REGISTRY)  # defaults
 RELU4_CASES = ("relu4_ce_bp", "relu4_ce_pc_tolerance", "relu4_ce_dtp_ridge",
                "relu4_ce_dtp_noisy")
 BATCH, SAMPLES, WIDTH, SEED = 4, 16, 32, 0  # 2 ranks x 4 = 8 per step: 2 steps per epoch
@@ -94,7 +96,7 @@ def _launch(args: list[str], timeout: float = 400, script: Path = EXAMPLE) -> No
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``{"ddp": dir, "spawn": dir, "single": dir}`` of per-rank result files."""
     folders = {name: tmp_path_factory.mktemp(name) for name in ("ddp", "spawn", "single")}
-    cases = [*RULES, *SI_CASES, *GLOBAL_CASES, *RELU4_CASES]
+    cases = [*RULES, *REGISTERED_CASES, *SI_CASES, *GLOBAL_CASES, *RELU4_CASES]
     shared = ["--samples", str(SAMPLES), "--width", str(WIDTH), "--seed", str(SEED),
               "--epochs", "1"]
     _launch(["--cases", *cases, "--devices", "2", "--batch-size", str(BATCH),
@@ -183,9 +185,10 @@ def test_ddp_two_processes_equal_one_process_with_one_all_reduce_per_step(runs, 
     _check_against_one_process(runs["ddp"], runs["single"], rule)
 
 
-@pytest.mark.parametrize("case", SI_CASES + GLOBAL_CASES + RELU4_CASES)
+@pytest.mark.parametrize("case", REGISTERED_CASES + SI_CASES + GLOBAL_CASES + RELU4_CASES)
 def test_ddp_equals_one_process_where_the_rule_needs_the_global_batch(runs, case):
-    """PC's sequential schedules (with and without FPA) and its tolerance schedule, DTP's
+    """Every registered rule with its defaults, PC's sequential schedules (with and without
+    FPA) and its tolerance schedule, DTP's
     noisy feedback, and every rule on a depth-4 ReLU
     network with cross-entropy: ranks bit-identical, = 1 x 2B (< 1e-6), 1 gradient all-reduce
     per step. Each PC step's inference stops where the single process stops on the global

@@ -30,13 +30,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_local.modules as modules
 from lightning_local.data import InMemoryDataModule
 from lightning_local.models import MLP
 from lightning_local.modules import LocalLearningModule
 from lightning_local.rules import RULES, Backprop, LocalRule
 from lightning_local.wiring import wire
 from tests._capture_logger import CaptureLogger
+from tests._module_fixtures import module_class
 
 IN, WIDTH, CLASSES, BATCH = 12, 24, 4, 8
 
@@ -57,20 +57,10 @@ for _family in RULES:  # a registered rule without schedules runs with its defau
         CASES[_family] = (_family, {})
 
 
-def _module_class(rule_class: type[LocalRule]) -> type[LocalLearningModule]:
-    """The library's preset for the rule, else a preset made the way the library makes one."""
-    for value in vars(modules).values():
-        if (isinstance(value, type) and issubclass(value, LocalLearningModule)
-                and value.__dict__.get("rule_class") is rule_class):
-            return value
-    return type(f"{rule_class.__name__}Module", (LocalLearningModule,),
-                {"rule_class": rule_class})
-
-
 def _case(name: str) -> tuple[type[LocalRule], dict, type[LocalLearningModule]]:
     family, settings = CASES[name]
     rule_class = RULES[family]
-    return rule_class, settings, _module_class(rule_class)
+    return rule_class, settings, module_class(rule_class)
 
 
 def _network(seed: int = 0) -> nn.Sequential:
